@@ -1,0 +1,31 @@
+"""onnxopt: make exported ONNX models smaller and faster, and prove with onnxruntime
+that they still compute what the original did."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from onnxopt.api import Result, optimize
+from onnxopt.check import Budget, assert_equivalent
+from onnxopt.errors import CheckFailed, DataError, ModelError, OnnxoptError, UsageError
+from onnxopt.model import load_model, save_model
+from onnxopt.pipeline import Pass, PassContext, PassResult, Pipeline, register_pass
+
+__all__ = [
+    "Budget",
+    "CheckFailed",
+    "DataError",
+    "ModelError",
+    "OnnxoptError",
+    "Pass",
+    "PassContext",
+    "PassResult",
+    "Pipeline",
+    "Result",
+    "UsageError",
+    "assert_equivalent",
+    "load_model",
+    "optimize",
+    "register_pass",
+    "save_model",
+]

@@ -1,0 +1,102 @@
+"""The Python API export pipelines call: ``onnxopt.optimize(model, pipeline, ...)``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxopt.check import Budget
+from onnxopt.data import prepare_samples
+from onnxopt.errors import UsageError
+from onnxopt.model import LoadedModel, load_model, save_model
+from onnxopt.pipeline import PassManager, Pipeline, RunOutcome, load_pipeline_file
+from onnxopt.progress import Progress
+from onnxopt.report import build_report
+
+
+@dataclass
+class Result:
+    """The optimized model, the run's report and where the model came from."""
+
+    model: onnx.ModelProto
+    report: dict[str, Any]
+    outcome: RunOutcome
+    source: LoadedModel
+
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+        protect = list(self.source.external_files)
+        if self.source.path is not None:
+            protect.append(self.source.path)
+        return save_model(self.model, path, external_data=external_data, protect=protect)
+
+    @property
+    def steps(self) -> list[dict[str, Any]]:
+        return self.report["steps"]
+
+
+def optimize(
+    model: str | os.PathLike | onnx.ModelProto,
+    pipeline: str | Pipeline | os.PathLike,
+    *,
+    data: str | os.PathLike | Mapping | Sequence | None = None,
+    budget: str | Budget | None = None,
+    seed: int | None = None,
+    on_fail: str | None = None,
+    shapes: Mapping[str, Any] | Sequence[str] | None = None,
+    calibration_samples: int | None = None,
+    validation_samples: int | None = None,
+    progress: bool = False,
+) -> Result:
+    """Run ``pipeline`` on ``model`` and return the checked result.
+
+    ``pipeline`` is pipeline text (``"fold-batchnorm,cleanup"``), a :class:`Pipeline`,
+    or the path of a ``.toml`` pipeline file whose settings (seed, budget, data...)
+    apply unless given here. Raises :class:`~onnxopt.errors.OnnxoptError` subclasses
+    for bad input and :class:`~onnxopt.errors.CheckFailed` when ``on_fail="abort"``
+    and a step breaks its budget.
+    """
+    settings: dict[str, Any] = {}
+    if isinstance(pipeline, Pipeline):
+        parsed = pipeline
+    elif isinstance(pipeline, os.PathLike) or str(pipeline).endswith(".toml"):
+        parsed, settings = load_pipeline_file(str(pipeline))
+    elif isinstance(pipeline, str):
+        parsed = Pipeline.parse(pipeline)
+    else:
+        raise UsageError(
+            f"pipeline must be text, a Pipeline or a .toml path, not {type(pipeline).__name__}"
+        )
+
+    def pick(value, key, default):
+        return value if value is not None else settings.get(key, default)
+
+    seed = pick(seed, "seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise UsageError(f"seed must be a non-negative integer, not {seed!r}")
+    budget = pick(budget, "budget", None)
+    if isinstance(budget, str):
+        budget = Budget.parse(budget)
+    loaded = load_model(model)
+    samples = prepare_samples(
+        loaded.proto,
+        pick(data, "data", None),
+        shapes=pick(shapes, "shapes", None),
+        seed=seed,
+        calibration_samples=pick(calibration_samples, "calibration_samples", 64),
+        validation_samples=pick(validation_samples, "validation_samples", 32),
+    )
+    manager = PassManager(
+        parsed,
+        budget=budget,
+        on_fail=pick(on_fail, "on_fail", "rollback"),
+        seed=seed,
+        progress=Progress(enabled=progress),
+    )
+    outcome = manager.run(loaded.proto, samples.calibration, samples.validation, samples.source)
+    report = build_report(outcome, input=str(loaded.path) if loaded.path else None, seed=seed)
+    return Result(model=outcome.model, report=report, outcome=outcome, source=loaded)

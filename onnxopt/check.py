@@ -1,0 +1,317 @@
+"""Numeric equivalence between two models, measured with onnxruntime.
+
+``compare_outputs`` turns reference and candidate outputs (one dict per sample) into
+per-output metrics; a :class:`Budget` decides whether those metrics are acceptable.
+``structural_checks`` runs onnx's full checker, strict shape inference and an
+onnxruntime session build. ``assert_equivalent`` is the helper tests use.
+
+Metrics, per output, over all validation samples together:
+
+- ``max_abs``   max |cand - ref|
+- ``max_rel``   max |cand - ref| / (|ref| + 1e-6 * max|ref|)  (bounded near zeros)
+- ``mean_abs``  mean |cand - ref|
+- ``cosine``    cosine similarity of the flattened outputs (1.0 when both are zero)
+- ``sqnr``      10 log10(sum ref^2 / sum (cand-ref)^2) in dB (inf when identical)
+- ``nonfinite`` NaN/Inf in the candidate where the reference is finite
+- ``top1``      argmax agreement over the last axis, for outputs shaped like class
+                scores ([N, C] float, C > 1)
+- ``mismatch``  differing elements, for integer/bool outputs
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxopt.errors import UsageError
+
+Outputs = Mapping[str, np.ndarray]
+
+METRICS: dict[str, tuple[str, str]] = {
+    # name: (description, direction that is good: "high" or "low")
+    "max_abs": ("max absolute error", "low"),
+    "max_rel": ("max relative error", "low"),
+    "mean_abs": ("mean absolute error", "low"),
+    "cosine": ("cosine similarity", "high"),
+    "sqnr": ("signal-to-quantization-noise ratio, dB", "high"),
+    "top1": ("top-1 agreement (class-score outputs only)", "high"),
+    "nonfinite": ("new NaN/Inf values", "low"),
+    "mismatch": ("differing elements (integer/bool outputs)", "low"),
+}
+
+
+@dataclass
+class OutputMetrics:
+    name: str
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    mean_abs: float = 0.0
+    cosine: float = 1.0
+    sqnr: float = math.inf
+    nonfinite: int = 0
+    top1: float | None = None
+    mismatch: int = 0
+    allclose_excess: float = -math.inf  # max(|d| - (atol + rtol|ref|)), set by budgets
+    is_float: bool = True
+
+    def value(self, metric: str) -> float | None:
+        return getattr(self, metric)
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        keys = ("max_abs", "max_rel", "mean_abs", "cosine", "sqnr", "nonfinite", "top1")
+        data = {k: _json_float(getattr(self, k)) for k in keys}
+        if not self.is_float:
+            data = {"mismatch": self.mismatch}
+        return data
+
+
+def _json_float(value):
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def compare_outputs(
+    reference: Sequence[Outputs],
+    candidate: Sequence[Outputs],
+    tolerance: tuple[float, float] | None = None,
+) -> dict[str, OutputMetrics]:
+    """Metrics per output name; ``tolerance=(atol, rtol)`` also fills ``allclose_excess``."""
+    if len(reference) != len(candidate):
+        raise ValueError("reference and candidate have different sample counts")
+    if not reference:
+        return {}
+    result = {}
+    for name in reference[0]:
+        ref = [np.asarray(sample[name]) for sample in reference]
+        got = [np.asarray(sample[name]) for sample in candidate]
+        result[name] = _metrics_for(name, ref, got, tolerance)
+    return result
+
+
+def _metrics_for(name, ref_list, got_list, tolerance) -> OutputMetrics:
+    for ref, got in zip(ref_list, got_list):
+        if ref.shape != got.shape:
+            raise ValueError(f"output {name!r}: shape {got.shape} != reference {ref.shape}")
+    if not np.issubdtype(ref_list[0].dtype, np.floating):
+        mismatch = sum(int(np.sum(r != g)) for r, g in zip(ref_list, got_list))
+        return OutputMetrics(name, mismatch=mismatch, is_float=False)
+    ref = np.concatenate([r.astype(np.float64).ravel() for r in ref_list])
+    got = np.concatenate([g.astype(np.float64).ravel() for g in got_list])
+    finite = np.isfinite(ref) & np.isfinite(got)
+    nonfinite = int(np.sum(np.isfinite(ref) & ~np.isfinite(got)))
+    r, g = ref[finite], got[finite]
+    diff = np.abs(g - r)
+    scale = float(np.max(np.abs(r))) if r.size else 0.0
+    m = OutputMetrics(name, nonfinite=nonfinite)
+    if r.size:
+        m.max_abs = float(diff.max())
+        m.mean_abs = float(diff.mean())
+        m.max_rel = float(np.max(diff / (np.abs(r) + 1e-6 * scale + 1e-30)))
+        m.cosine = _cosine(r, g)
+        noise = float(np.sum((g - r) ** 2))
+        signal = float(np.sum(r**2))
+        m.sqnr = (
+            math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal else -math.inf)
+        )
+        if tolerance is not None:
+            atol, rtol = tolerance
+            m.allclose_excess = float(np.max(diff - (atol + rtol * np.abs(r))))
+    if _looks_like_class_scores(ref_list[0]):
+        agree = [np.argmax(a, -1) == np.argmax(b, -1) for a, b in zip(ref_list, got_list)]
+        m.top1 = float(np.mean(np.concatenate([x.ravel() for x in agree])))
+    return m
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def _looks_like_class_scores(array: np.ndarray) -> bool:
+    return array.ndim == 2 and array.shape[-1] > 1 and np.issubdtype(array.dtype, np.floating)
+
+
+# ---------------------------------------------------------------------------- budgets
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+}
+_CRITERION = re.compile(r"^\s*([a-z_0-9]+)\s*(>=|<=|>|<|=)\s*([-+0-9.eE]+|inf)\s*$")
+
+
+@dataclass(frozen=True)
+class Criterion:
+    metric: str
+    op: str
+    value: float
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a step must satisfy. ``tolerance`` (atol, rtol) is an elementwise allclose."""
+
+    criteria: tuple[Criterion, ...] = ()
+    tolerance: tuple[float, float] | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """Parse ``"cosine>=0.99,top1>=0.99"``, ``"atol=1e-5,rtol=1e-4"`` or ``"none"``."""
+        text = text.strip()
+        if text.lower() in ("none", ""):
+            return cls()
+        criteria: list[Criterion] = []
+        atol = rtol = None
+        for part in text.split(","):
+            match = _CRITERION.match(part)
+            if not match:
+                raise UsageError(
+                    f"budget term {part.strip()!r} is not 'metric>=value'; "
+                    f"metrics: {', '.join(METRICS)}, atol=, rtol="
+                )
+            metric, op, raw = match.groups()
+            value = float(raw)
+            if op == "=":
+                if metric == "atol":
+                    atol = value
+                elif metric == "rtol":
+                    rtol = value
+                else:
+                    raise UsageError(f"budget term {part.strip()!r}: only atol= and rtol= use '='")
+                continue
+            if metric not in METRICS:
+                raise UsageError(
+                    f"unknown budget metric {metric!r}; valid: {', '.join(METRICS)}, atol, rtol"
+                )
+            good = METRICS[metric][1]
+            if (good == "high") != (op in (">=", ">")):
+                want = ">=" if good == "high" else "<="
+                raise UsageError(f"budget term {part.strip()!r}: {metric} needs '{want}'")
+            criteria.append(Criterion(metric, op, value))
+        tolerance = None
+        if atol is not None or rtol is not None:
+            tolerance = (atol or 0.0, rtol or 0.0)
+        return cls(tuple(criteria), tolerance)
+
+    def __str__(self) -> str:
+        parts = [str(c) for c in self.criteria]
+        if self.tolerance is not None:
+            parts += [f"atol={self.tolerance[0]:g}", f"rtol={self.tolerance[1]:g}"]
+        return ",".join(parts) or "none"
+
+    @property
+    def gates(self) -> bool:
+        return bool(self.criteria) or self.tolerance is not None
+
+    def violations(self, metrics: Mapping[str, OutputMetrics]) -> list[str]:
+        """Human-readable reasons the metrics break this budget (empty list: within)."""
+        problems = []
+        for name, m in metrics.items():
+            if self.tolerance is not None and m.is_float and m.allclose_excess > 0:
+                atol, rtol = self.tolerance
+                problems.append(
+                    f"{name}: max_abs {m.max_abs:.3g} exceeds atol={atol:g}+rtol={rtol:g}*|ref| "
+                    f"by {m.allclose_excess:.3g}"
+                )
+            if self.gates and not m.is_float and m.mismatch:
+                problems.append(f"{name}: {m.mismatch} integer elements differ")
+            for c in self.criteria:
+                value = m.value(c.metric) if m.is_float else None
+                if value is None:
+                    continue  # metric not applicable to this output (e.g. top1)
+                if not _OPS[c.op](value, c.value):
+                    problems.append(f"{name}: {c.metric} {value:.6g} (needs {c.op}{c.value:g})")
+        return problems
+
+
+LOSSLESS_BUDGET = Budget.parse("atol=1e-5,rtol=1e-4,nonfinite<=0")
+LOSSY_BUDGET = Budget.parse("cosine>=0.99,top1>=0.99,nonfinite<=0")
+
+
+def worst(metrics: Mapping[str, OutputMetrics]) -> dict[str, float | None]:
+    """The worst value of each metric over all outputs (for one-line summaries)."""
+    floats = [m for m in metrics.values() if m.is_float]
+    if not floats:
+        return {"mismatch": sum(m.mismatch for m in metrics.values())}
+    top1 = [m.top1 for m in floats if m.top1 is not None]
+    return {
+        "max_abs": max(m.max_abs for m in floats),
+        "cosine": min(m.cosine for m in floats),
+        "sqnr": min(m.sqnr for m in floats),
+        "top1": min(top1) if top1 else None,
+        "nonfinite": sum(m.nonfinite for m in floats),
+    }
+
+
+# ---------------------------------------------------------------------------- structure
+
+
+@dataclass
+class StructuralReport:
+    failures: dict[str, str] = field(default_factory=dict)  # check name -> first error line
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def structural_checks(model: onnx.ModelProto) -> tuple[StructuralReport, onnx.ModelProto | None]:
+    """onnx full checker + strict shape inference. Returns the report and the inferred
+    model (None when inference failed)."""
+    from onnxopt.model import EXTERNAL_DATA_THRESHOLD, proto_nbytes
+
+    report = StructuralReport()
+    inferred = None
+    if proto_nbytes(model) > EXTERNAL_DATA_THRESHOLD:
+        report.failures["checker"] = "skipped: model over 2 GB (checked by onnxruntime only)"
+        return report, None
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except Exception as exc:
+        report.failures["checker"] = _first_line(exc)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(
+            model, check_type=True, strict_mode=True, data_prop=True
+        )
+    except Exception as exc:
+        report.failures["shape_inference"] = _first_line(exc)
+    return report, inferred
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def assert_equivalent(
+    reference: Sequence[Outputs],
+    candidate: Sequence[Outputs],
+    budget: Budget | str = LOSSLESS_BUDGET,
+) -> dict[str, OutputMetrics]:
+    """Raise AssertionError listing every violation; return the metrics otherwise."""
+    if isinstance(budget, str):
+        budget = Budget.parse(budget)
+    metrics = compare_outputs(reference, candidate, budget.tolerance)
+    problems = budget.violations(metrics)
+    if problems:
+        raise AssertionError(
+            "outputs differ beyond budget " + str(budget) + ":\n  " + "\n  ".join(problems)
+        )
+    return metrics

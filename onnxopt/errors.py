@@ -1,0 +1,37 @@
+"""Exception types of the public API.
+
+Every error a user can cause derives from :class:`OnnxoptError`; the CLI turns those
+into one clear line and exit code 2. :class:`CheckFailed` (a step over budget with
+``on_fail="abort"``) maps to exit code 1. Anything else is an internal bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+
+class OnnxoptError(Exception):
+    """Base class for errors caused by the user's input (model, data, options)."""
+
+    exit_code = 2
+
+
+class UsageError(OnnxoptError):
+    """Bad pipeline text, unknown pass or option, or an option value out of range."""
+
+
+class ModelError(OnnxoptError):
+    """The model cannot be read, is not ONNX, or is unsafe (external data escaping)."""
+
+
+class DataError(OnnxoptError):
+    """Input data does not match the model (missing inputs, wrong shapes or dtypes)."""
+
+
+class CheckFailed(OnnxoptError):
+    """A pipeline step broke its budget and the run was asked to abort."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, outcome=None) -> None:
+        super().__init__(message)
+        self.outcome = outcome  # the RunOutcome up to the failed step

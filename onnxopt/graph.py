@@ -1,0 +1,195 @@
+"""Small helpers over onnx-graphsurgeon shared by the core and by several passes.
+
+The conversion pair ``to_graph`` / ``to_model`` is the only place where a ModelProto
+becomes a ``gs.Graph`` and back. ``to_graph`` lifts weights stored as ``Constant``
+nodes (Paddle2ONNX, older exporters) into initializers so that every pass sees one
+kind of weight; ``to_model`` restores what graphsurgeon drops on export (model
+metadata, doc strings, model version).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+log = logging.getLogger(__name__)
+
+# Inputs that carry trainable weights, per op type: (input index, role).
+WEIGHT_INPUTS: dict[str, tuple[tuple[int, str], ...]] = {
+    "Conv": ((1, "weight"), (2, "bias")),
+    "ConvTranspose": ((1, "weight"), (2, "bias")),
+    "Gemm": ((0, "weight"), (1, "weight"), (2, "bias")),
+    "MatMul": ((0, "weight"), (1, "weight")),
+    "Gather": ((0, "embedding"),),
+}
+
+_CONSTANT_VALUE_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_ints")
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import ``model`` as a graphsurgeon graph with Constant-node weights lifted."""
+    graph = gs.import_onnx(model)
+    lifted = lift_constant_nodes(graph)
+    if lifted:
+        log.debug("lifted %d Constant nodes into initializers", lifted)
+    return graph
+
+
+def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph``; copy the model-level fields graphsurgeon does not carry."""
+    if (graph.ir_version or template.ir_version) < 4:
+        # IR 3 requires every initializer to be listed as a graph input; lifting
+        # Constant nodes would break that. IR 4 drops the rule and runs everywhere.
+        graph.ir_version = 4
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.doc_string = template.doc_string
+    model.domain = template.domain
+    model.model_version = template.model_version
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    if template.producer_name and not model.producer_name:
+        model.producer_name = template.producer_name
+        model.producer_version = template.producer_version
+    return model
+
+
+def lift_constant_nodes(graph: gs.Graph) -> int:
+    """Replace ``Constant`` nodes of the main graph by initializers; return how many."""
+    output_names = {t.name for t in graph.outputs}
+    keep: list[gs.Node] = []
+    lifted = 0
+    for node in graph.nodes:
+        values = _constant_node_values(node) if node.op == "Constant" else None
+        if values is None or len(node.outputs) != 1 or node.outputs[0].name in output_names:
+            keep.append(node)
+            continue
+        out = node.outputs[0]
+        const = gs.Constant(out.name, values)
+        for consumer in list(out.outputs):
+            for i, tensor in enumerate(consumer.inputs):
+                if tensor is out:
+                    consumer.inputs[i] = const
+        node.outputs.clear()
+        lifted += 1
+    graph.nodes = keep
+    return lifted
+
+
+def _constant_node_values(node: gs.Node) -> np.ndarray | None:
+    for key in _CONSTANT_VALUE_ATTRS:
+        if key not in node.attrs:
+            continue
+        value = node.attrs[key]
+        if isinstance(value, gs.Constant):
+            return value.values
+        if isinstance(value, onnx.TensorProto):
+            return numpy_helper.to_array(value)
+        if key == "value_float":
+            return np.array(value, dtype=np.float32)
+        if key == "value_floats":
+            return np.array(value, dtype=np.float32)
+        if key in ("value_int", "value_ints"):
+            return np.array(value, dtype=np.int64)
+    return None  # value_string(s) / sparse_value: leave as a node
+
+
+# ---------------------------------------------------------------------------- queries
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """A constant input of a weight-bearing node."""
+
+    node: gs.Node
+    index: int
+    role: str  # "weight" | "bias" | "embedding"
+
+    @property
+    def tensor(self) -> gs.Constant:
+        return self.node.inputs[self.index]
+
+
+def weight_refs(graph: gs.Graph, op_types: Iterable[str] | None = None) -> Iterator[WeightRef]:
+    """Constant weight/bias inputs of Conv/ConvTranspose/Gemm/MatMul/Gather nodes."""
+    wanted = set(op_types) if op_types is not None else set(WEIGHT_INPUTS)
+    for node in graph.nodes:
+        if node.op not in wanted:
+            continue
+        for index, role in WEIGHT_INPUTS.get(node.op, ()):
+            if index < len(node.inputs) and isinstance(node.inputs[index], gs.Constant):
+                yield WeightRef(node, index, role)
+
+
+def constants(graph: gs.Graph) -> list[gs.Constant]:
+    """All distinct constant tensors of the main graph."""
+    return [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+
+
+def param_count(graph: gs.Graph) -> int:
+    """Elements in constant tensors, excluding int64 tensors (shapes, axes, indices)."""
+    total = 0
+    for tensor in constants(graph):
+        if tensor.export_dtype == np.int64 or tensor.values.dtype == np.int64:
+            continue
+        total += int(np.prod(tensor.shape, dtype=np.int64))
+    return total
+
+
+def op_histogram(graph: gs.Graph) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        key = node.op if node.domain in ("", "ai.onnx", None) else f"{node.domain}.{node.op}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def forget_shapes(tensors: Iterable[gs.Tensor]) -> None:
+    """Drop (possibly stale) shape info of variables so shape inference recomputes it."""
+    for tensor in tensors:
+        if isinstance(tensor, gs.Variable):
+            tensor.shape = None
+
+
+def bypass_node(graph: gs.Graph, node: gs.Node, keep_input: int = 0) -> bool:
+    """Remove a single-output node by wiring its consumers to ``node.inputs[keep_input]``.
+
+    Returns False (and changes nothing) when the node's output is a graph output that
+    cannot be redirected without renaming a model output.
+    """
+    source = node.inputs[keep_input]
+    out = node.outputs[0]
+    if out in graph.outputs:
+        if source in graph.inputs or source in graph.outputs or isinstance(source, gs.Constant):
+            return False
+        # Keep the model's output name: the source tensor takes over the name.
+        upstream = producer(source)
+        if upstream is None:
+            return False
+        index = graph.outputs.index(out)
+        for consumer in list(source.outputs):
+            if consumer is not node:
+                for i, t in enumerate(consumer.inputs):
+                    if t is source:
+                        consumer.inputs[i] = out
+        out.inputs.clear()
+        upstream.outputs[upstream.outputs.index(source)] = out
+        graph.outputs[index] = out
+        node.inputs.clear()
+        return True
+    for consumer in list(out.outputs):
+        for i, tensor in enumerate(consumer.inputs):
+            if tensor is out:
+                consumer.inputs[i] = source
+    node.outputs.clear()
+    node.inputs.clear()
+    return True

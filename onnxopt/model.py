@@ -1,0 +1,305 @@
+"""Loading and saving ONNX models safely.
+
+- ``load_model`` accepts a path or a ``ModelProto``. External data is validated
+  *before* any of it is read: a ``location`` that is absolute, contains ``..``, or
+  resolves (through symlinks) outside the model's folder is refused, and so is an
+  offset/length that runs past the end of its file or a tensor whose declared shape
+  needs more bytes than the file holds.
+- ``save_model`` writes atomically (temporary name in the destination folder, then
+  ``os.replace``), never over the model it was loaded from, and switches to external
+  data automatically when the protobuf would pass the 2 GB limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto
+
+from onnxopt.errors import ModelError
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Leave headroom under the hard protobuf limit for graph structure and metadata.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+
+_SUB_BYTE_BITS = {
+    TensorProto.INT4: 4,
+    TensorProto.UINT4: 4,
+}
+for _name in ("FLOAT4E2M1", "INT2", "UINT2"):
+    if hasattr(TensorProto, _name):
+        _SUB_BYTE_BITS[getattr(TensorProto, _name)] = 4 if _name.startswith("FLOAT4") else 2
+
+
+@dataclass
+class LoadedModel:
+    """A model plus where it came from (``path`` is None for in-memory models)."""
+
+    proto: onnx.ModelProto
+    path: Path | None = None
+    external_files: list[Path] = field(default_factory=list)
+
+    @property
+    def base_dir(self) -> Path | None:
+        return self.path.parent if self.path is not None else None
+
+
+# ---------------------------------------------------------------------------- load
+
+
+def load_model(source: str | os.PathLike | onnx.ModelProto | LoadedModel) -> LoadedModel:
+    """Load ``source`` with its external data, refusing unsafe or inconsistent files."""
+    if isinstance(source, LoadedModel):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        _check_model_header(source, "<in-memory model>")
+        if any(_is_external(t) for t in iter_tensors(source)):
+            raise ModelError(
+                "in-memory model refers to external data but has no folder to read it from; "
+                "pass the model's path instead"
+            )
+        return LoadedModel(proto=source)
+    path = Path(source)
+    if not path.exists():
+        raise ModelError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelError(f"{path} is a directory, expected an .onnx file")
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError...
+        raise ModelError(f"{path}: not a readable ONNX model ({_one_line(exc)})") from exc
+    _check_model_header(proto, str(path))
+    external = validate_external_data(proto, path.parent, where=str(path))
+    if external:
+        try:
+            onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
+        except Exception as exc:
+            raise ModelError(f"{path}: cannot read external data ({_one_line(exc)})") from exc
+    return LoadedModel(proto=proto, path=path.resolve(), external_files=external)
+
+
+def _check_model_header(proto: onnx.ModelProto, where: str) -> None:
+    # Random bytes often parse as a protobuf message; a real model has these.
+    if proto.ir_version <= 0 or not proto.HasField("graph"):
+        raise ModelError(f"{where}: not an ONNX model (no IR version or no graph)")
+    if not proto.opset_import and proto.ir_version >= 3:
+        raise ModelError(f"{where}: ONNX model declares no opset_import")
+    if not proto.graph.output:
+        raise ModelError(f"{where}: ONNX graph has no outputs")
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every TensorProto in the model: initializers, sparse values, attributes, subgraphs."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[TensorProto]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("sparse_tensor"):
+            yield attr.sparse_tensor.values
+            yield attr.sparse_tensor.indices
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for sub in attr.graphs:
+            yield from _graph_tensors(sub)
+
+
+def _is_external(tensor: TensorProto) -> bool:
+    return tensor.data_location == TensorProto.EXTERNAL
+
+
+def tensor_nbytes(tensor: TensorProto) -> int:
+    """Bytes the tensor's declared dims and dtype need in raw (external) form."""
+    count = 1
+    for dim in tensor.dims:
+        count *= max(int(dim), 0)
+    if tensor.data_type in _SUB_BYTE_BITS:
+        return (count * _SUB_BYTE_BITS[tensor.data_type] + 7) // 8
+    if tensor.data_type == TensorProto.STRING:
+        return 0  # variable length: cannot be checked from dims
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:
+        return 0
+    return count * itemsize
+
+
+def validate_external_data(model: onnx.ModelProto, base_dir: Path, where: str) -> list[Path]:
+    """Refuse unsafe or inconsistent external data; return the files it refers to."""
+    base = base_dir.resolve()
+    files: dict[Path, int] = {}
+    for tensor in iter_tensors(model):
+        if not _is_external(tensor):
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        name = tensor.name or "<unnamed>"
+        file = _safe_external_path(location, base, f"{where}: tensor {name!r}")
+        size = files.setdefault(file, file.stat().st_size)
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else None
+        except ValueError as exc:
+            raise ModelError(
+                f"{where}: tensor {name!r} has a non-integer external offset/length"
+            ) from exc
+        if offset < 0 or (length is not None and length < 0):
+            raise ModelError(f"{where}: tensor {name!r} has a negative external offset/length")
+        needed = tensor_nbytes(tensor)
+        span = length if length is not None else needed
+        if offset + max(span, needed) > size:
+            raise ModelError(
+                f"{where}: tensor {name!r} needs bytes {offset}..{offset + max(span, needed)} of "
+                f"{location!r}, but that file has only {size} bytes"
+            )
+    return sorted(files)
+
+
+def _safe_external_path(location: str, base: Path, where: str) -> Path:
+    if not location:
+        raise ModelError(f"{where}: external data without a 'location'")
+    loc = Path(location)
+    if loc.is_absolute() or location.startswith(("/", "\\")) or ":" in loc.parts[0]:
+        raise ModelError(
+            f"{where}: external data location {location!r} is an absolute path; "
+            "only paths relative to the model's folder are allowed"
+        )
+    if ".." in Path(location.replace("\\", "/")).parts:
+        raise ModelError(
+            f"{where}: external data location {location!r} contains '..'; "
+            "it must stay inside the model's folder"
+        )
+    resolved = (base / loc).resolve()
+    if resolved != base and base not in resolved.parents:
+        raise ModelError(
+            f"{where}: external data location {location!r} resolves to {resolved}, "
+            f"outside the model's folder {base} (symlink?)"
+        )
+    if not resolved.is_file():
+        raise ModelError(f"{where}: external data file {location!r} not found in {base}")
+    return resolved
+
+
+# ---------------------------------------------------------------------------- save
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    protect: list[Path] | tuple[Path, ...] = (),
+) -> Path:
+    """Write ``model`` to ``path`` atomically and return the resolved path.
+
+    ``external_data=None`` switches to external data automatically above ~2 GB.
+    ``protect`` lists files (typically the input model and its data) never to overwrite.
+    """
+    target = Path(path).resolve()
+    data_name = target.name + ".data"
+    for guarded in protect:
+        guarded = Path(guarded).resolve()
+        if target == guarded or target.with_name(data_name) == guarded:
+            raise ModelError(f"refusing to overwrite the input file {guarded}; choose another -o")
+    if target.is_dir():
+        raise ModelError(f"output path {target} is a directory")
+    if not target.parent.is_dir():
+        raise ModelError(f"output folder {target.parent} does not exist")
+    if external_data is None:
+        external_data = proto_nbytes(model) > EXTERNAL_DATA_THRESHOLD
+    with tempfile.TemporaryDirectory(prefix=".onnxopt-", dir=target.parent) as tmp:
+        tmp_model = Path(tmp) / target.name
+        if external_data:
+            proto = onnx.ModelProto()
+            proto.CopyFrom(model)
+            onnx.save_model(
+                proto,
+                str(tmp_model),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+            data_file = Path(tmp) / data_name
+            if data_file.exists():
+                os.replace(data_file, target.with_name(data_name))
+        else:
+            tmp_model.write_bytes(serialize(model))
+        os.replace(tmp_model, target)
+    return target
+
+
+def serialize(model: onnx.ModelProto) -> bytes:
+    try:
+        return model.SerializeToString()
+    except ValueError as exc:  # protobuf refuses messages over 2 GB
+        raise ModelError(
+            f"model is too large to serialize in one file ({_one_line(exc)}); "
+            "save it with external data"
+        ) from exc
+
+
+def proto_nbytes(model: onnx.ModelProto) -> int:
+    """Size of the model's protobuf; falls back to a sum of tensor bytes above 2 GB."""
+    try:
+        return model.ByteSize()
+    except Exception:
+        return sum(tensor_nbytes(t) for t in iter_tensors(model))
+
+
+def compressed_size(model: onnx.ModelProto, level: int = 6) -> int:
+    """Deflate-compressed size of the serialized model (what zeros and codebooks shrink)."""
+    compressor = zlib.compressobj(level)
+    data = serialize(model)
+    total = 0
+    view = memoryview(data)
+    for start in range(0, len(data), 1 << 24):
+        total += len(compressor.compress(view[start : start + (1 << 24)]))
+    return total + len(compressor.flush())
+
+
+@contextlib.contextmanager
+def materialized(model: onnx.ModelProto) -> Iterator[str | bytes]:
+    """Yield something ``onnxruntime.InferenceSession`` accepts: bytes, or a temp path
+    with external data for models over the protobuf limit."""
+    if proto_nbytes(model) <= EXTERNAL_DATA_THRESHOLD:
+        yield serialize(model)
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxopt-session-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_model(model, path, external_data=True)
+        yield str(path)
+
+
+def opset_version(model: onnx.ModelProto, domain: str = "") -> int | None:
+    for entry in model.opset_import:
+        if entry.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return int(entry.version)
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,741 @@
+"""Passes, the pass registry, pipelines and the PassManager.
+
+A pipeline is text — ``fold-batchnorm,prune-initializers(sparsity=0.5,scope=global)``
+— that parses through the registry and prints back canonically (default options
+omitted), or a TOML file (see ``docs/pipeline.md``). The PassManager computes the
+original model's outputs once, then for every step: imports the last accepted model
+into a fresh graph, runs the pass, exports, runs the structural checks and the numeric
+comparison, and accepts the step or rolls it back. Because each step starts from the
+serialized accepted model, a rollback can never see weight arrays a failed pass
+touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import re
+import time
+import traceback
+import typing
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxopt import graph as graph_utils
+from onnxopt import runtime
+from onnxopt.check import (
+    LOSSLESS_BUDGET,
+    LOSSY_BUDGET,
+    Budget,
+    OutputMetrics,
+    compare_outputs,
+    structural_checks,
+    worst,
+)
+from onnxopt.data import Feed
+from onnxopt.errors import CheckFailed, UsageError
+from onnxopt.model import proto_nbytes
+from onnxopt.progress import SILENT, Progress
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------- options
+
+
+def option(default: Any, help: str, *, range: tuple[float, float] | None = None) -> Any:
+    """A pass option: default, one-line help and an optional inclusive numeric range."""
+    return field(default=default, metadata={"help": help, "range": range})
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+@dataclass
+class PassResult:
+    """What a pass did. ``counts`` are small numbers for tables; ``details`` anything
+    JSON-serializable for the report (per-tensor stats, curves...)."""
+
+    changed: bool
+    counts: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def merge(self, other: PassResult) -> PassResult:
+        counts = dict(self.counts)
+        for key, value in other.counts.items():
+            counts[key] = counts.get(key, 0) + value
+        return PassResult(
+            self.changed or other.changed,
+            counts,
+            {**self.details, **other.details},
+            self.notes + other.notes,
+        )
+
+
+class Pass:
+    """Base class. Subclasses set ``name``, ``summary``, ``lossless``, ``Options`` and
+    implement ``run``. A pass mutates the graph it is given; it never loads or saves
+    files and never runs checks itself (use ``ctx.evaluate`` to *measure*)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    lossless: ClassVar[bool] = False
+    fixed_point: ClassVar[bool] = False  # rerun until it reports no change
+    default_budget: ClassVar[Budget | None] = None
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    @classmethod
+    def budget(cls) -> Budget:
+        if cls.default_budget is not None:
+            return cls.default_budget
+        return LOSSLESS_BUDGET if cls.lossless else LOSSY_BUDGET
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+_NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator adding a pass to the registry; duplicate names are an error."""
+    if not _NAME.match(cls.name or ""):
+        raise ValueError(f"pass name {cls.name!r} must be kebab-case")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"duplicate pass name {cls.name!r}")
+    if not dataclasses.is_dataclass(cls.Options):
+        raise TypeError(f"{cls.__name__}.Options must be a dataclass")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def unregister_pass(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def registry() -> dict[str, type[Pass]]:
+    """All registered passes (importing ``onnxopt.passes`` registers the built-ins)."""
+    import onnxopt.passes  # noqa: F401  (explicit module list lives there)
+
+    return dict(_REGISTRY)
+
+
+def get_pass(name: str) -> type[Pass]:
+    passes = registry()
+    if name not in passes:
+        close = [n for n in passes if n.startswith(name[:3])]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UsageError(f"unknown pass {name!r}{hint}; valid passes: {', '.join(sorted(passes))}")
+    return passes[name]
+
+
+def option_fields(cls: type[Pass]) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls.Options))
+
+
+def _hints(cls: type[Pass]) -> dict[str, Any]:
+    import sys
+
+    module = sys.modules.get(cls.__module__)
+    return typing.get_type_hints(cls.Options, globalns=vars(module) if module else None)
+
+
+def make_options(cls: type[Pass], raw: Mapping[str, Any]) -> Any:
+    """Build ``cls.Options`` from strings (pipeline text) or TOML values, validating
+    names, types and ranges; errors name the pass, the option and the valid values."""
+    fields = {f.name: f for f in option_fields(cls)}
+    hints = _hints(cls)
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            valid = ", ".join(fields) or "(this pass takes no options)"
+            raise UsageError(f"{cls.name}: unknown option {key!r}; valid options: {valid}")
+        try:
+            values[key] = coerce(value, hints[key])
+        except ValueError as exc:
+            raise UsageError(f"{cls.name}: option {key}={value!r}: {exc}") from None
+        bounds = fields[key].metadata.get("range")
+        if bounds and isinstance(values[key], (int, float)) and not isinstance(values[key], bool):
+            low, high = bounds
+            if not low <= values[key] <= high:
+                raise UsageError(
+                    f"{cls.name}: option {key}={value} is out of range [{low}, {high}]"
+                )
+    options = cls.Options(**values)
+    check = getattr(options, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as exc:
+            raise UsageError(f"{cls.name}: {exc}") from None
+    return options
+
+
+def coerce(value: Any, hint: Any) -> Any:
+    """Convert ``value`` (often a string from pipeline text) to the type ``hint``."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or (origin is None and isinstance(hint, type(int | str))):
+        errors = []
+        for member in typing.get_args(hint):
+            try:
+                return coerce(value, member)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError("; or ".join(errors))
+    if hint is type(None):
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        raise ValueError("expected none")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        text = value if not isinstance(value, str) else value.strip()
+        for choice in choices:
+            if text == choice or str(text) == str(choice):
+                return choice
+        raise ValueError(f"expected one of {', '.join(map(str, choices))}")
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(hint) or (str,)
+        items = value if isinstance(value, (list, tuple)) else _split_list(str(value))
+        return (
+            [coerce(item, inner) for item in items]
+            if origin is list
+            else tuple(coerce(item, inner) for item in items)
+        )
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError("expected an integer")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise ValueError("expected an integer") from None
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        try:
+            result = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("expected a number") from None
+        if not np.isfinite(result):
+            raise ValueError("expected a finite number")
+        return result
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        return value
+    raise ValueError(f"unsupported option type {hint}")
+
+
+def _split_list(text: str) -> list[str]:
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    return [part.strip() for part in re.split(r"[,|]", text) if part.strip()]
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return repr(value) if value != int(value) or abs(value) >= 1e16 else f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    text = str(value)
+    if re.fullmatch(r"[A-Za-z0-9_.:*/+\-]+", text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# ---------------------------------------------------------------------------- pipelines
+
+
+@dataclass
+class Step:
+    pass_cls: type[Pass]
+    options: Any
+    budget: Budget | None = None  # per-step override
+
+    @property
+    def name(self) -> str:
+        return self.pass_cls.name
+
+    def __str__(self) -> str:
+        defaults = self.pass_cls.Options()
+        args = [
+            f"{f.name}={format_value(getattr(self.options, f.name))}"
+            for f in option_fields(self.pass_cls)
+            if format_value(getattr(self.options, f.name))
+            != format_value(getattr(defaults, f.name))
+        ]
+        if self.budget is not None:
+            args.append(f'budget="{self.budget}"')
+        return self.name + (f"({','.join(args)})" if args else "")
+
+    @classmethod
+    def build(cls, name: str, raw: Mapping[str, Any]) -> Step:
+        pass_cls = get_pass(name)
+        raw = dict(raw)
+        budget_text = raw.pop("budget", None)
+        budget = None
+        if budget_text is not None:
+            try:
+                budget = Budget.parse(str(budget_text))
+            except UsageError as exc:
+                raise UsageError(f"{name}: {exc}") from None
+        return cls(pass_cls, make_options(pass_cls, raw), budget)
+
+
+@dataclass
+class Pipeline:
+    steps: list[Step]
+
+    def __str__(self) -> str:
+        return ",".join(str(step) for step in self.steps)
+
+    @classmethod
+    def parse(cls, text: str) -> Pipeline:
+        steps = [Step.build(name, args) for name, args in _parse_pipeline_text(text)]
+        if not steps:
+            raise UsageError("empty pipeline: name at least one pass (see `onnxopt passes`)")
+        return cls(steps)
+
+
+_TOKEN = re.compile(
+    r"""\s*(?:(?P<str>"(?:[^"\\]|\\.)*"|'[^']*')|(?P<list>\[[^\]]*\])|(?P<punct>[(),=])|(?P<word>[^\s(),="'\[\]]+))"""
+)
+
+
+def _tokens(text: str) -> Iterator[tuple[str, str, int]]:
+    pos = 0
+    text = text.rstrip()
+    while pos < len(text):
+        match = _TOKEN.match(text, pos)
+        if not match or match.end() == pos:
+            raise UsageError(
+                f"pipeline text: cannot parse at column {pos + 1}: {text[pos : pos + 20]!r}"
+            )
+        kind = match.lastgroup
+        value = match.group(kind)
+        if kind == "str":
+            value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+        yield kind, value, match.start(kind)
+        pos = match.end()
+
+
+def _parse_pipeline_text(text: str) -> list[tuple[str, dict[str, str]]]:
+    """``a,b(k=v,k2="x,y"),c`` -> ``[("a", {}), ("b", {"k": "v", "k2": "x,y"}), ("c", {})]``."""
+    tokens = list(_tokens(text))
+    steps: list[tuple[str, dict[str, str]]] = []
+    i = 0
+
+    def expect(kind: str, value: str | None = None) -> str:
+        nonlocal i
+        if i >= len(tokens):
+            raise UsageError(f"pipeline text {text!r}: unexpected end, expected {value or kind}")
+        k, v, col = tokens[i]
+        if k != kind or (value is not None and v != value):
+            raise UsageError(
+                f"pipeline text {text!r}: expected {value or kind} at column {col + 1}, got {v!r}"
+            )
+        i += 1
+        return v
+
+    while i < len(tokens):
+        name = expect("word")
+        args: dict[str, str] = {}
+        if i < len(tokens) and tokens[i][1] == "(" and tokens[i][0] == "punct":
+            i += 1
+            while True:
+                key = expect("word")
+                expect("punct", "=")
+                if i >= len(tokens):
+                    raise UsageError(f"pipeline text {text!r}: missing value for {key!r}")
+                kind, value, _ = tokens[i]
+                if kind == "punct":
+                    raise UsageError(f"pipeline text {text!r}: missing value for {key!r}")
+                i += 1
+                if key in args:
+                    raise UsageError(f"pipeline text: option {key!r} given twice for {name}")
+                args[key] = value
+                if tokens[i][1] == ")" if i < len(tokens) else False:
+                    i += 1
+                    break
+                expect("punct", ",")
+        steps.append((name, args))
+        if i < len(tokens):
+            expect("punct", ",")
+    return steps
+
+
+# ---------------------------------------------------------------------------- context
+
+
+@dataclass
+class Evaluation:
+    """One measurement of a candidate graph against the step's budget."""
+
+    metrics: dict[str, OutputMetrics]
+    violations: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def worst(self) -> dict[str, float | None]:
+        return worst(self.metrics)
+
+
+@dataclass
+class PassContext:
+    """What a pass may use: calibration data, a seeded RNG, progress, measurement."""
+
+    calibration: list[Feed]
+    rng: np.random.Generator
+    seed: int
+    template: onnx.ModelProto
+    original: onnx.ModelProto
+    budget: Budget
+    progress: Progress = SILENT
+    evaluator: Callable[[gs.Graph], Evaluation] | None = None
+
+    def evaluate(self, graph: gs.Graph) -> Evaluation:
+        """Measure ``graph`` exactly as the PassManager will (budget, reference)."""
+        if self.evaluator is None:
+            raise RuntimeError("no evaluator in this context")
+        return self.evaluator(graph)
+
+    def to_model(self, graph: gs.Graph) -> onnx.ModelProto:
+        return graph_utils.to_model(graph.copy(), self.template)
+
+    def activations(
+        self, graph: gs.Graph, names: Sequence[str], desc: str = "calibrating"
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Intermediate tensors ``names`` for each calibration sample, one at a time."""
+        if not self.calibration:
+            raise UsageError(
+                "this pass needs calibration samples; pass --data or raise --calib-samples"
+            )
+        model = self.to_model(graph)
+        samples = self.progress(self.calibration, desc=desc, total=len(self.calibration))
+        return runtime.iter_activations(model, names, samples)
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """Glob match used by ``exclude=`` / ``ops=`` style options."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# ---------------------------------------------------------------------------- manager
+
+
+@dataclass
+class ModelStats:
+    nodes: int
+    params: int
+    size: int
+    ops: dict[str, int]
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> ModelStats:
+        graph = graph_utils.to_graph(model)
+        return cls(
+            len(graph.nodes),
+            graph_utils.param_count(graph),
+            proto_nbytes(model),
+            graph_utils.op_histogram(graph),
+        )
+
+
+@dataclass
+class StepRecord:
+    index: int
+    step: str
+    status: str  # accepted | no-op | rolled back | failed
+    lossless: bool
+    budget: str
+    seconds: float = 0.0
+    reason: str = ""
+    before: ModelStats | None = None
+    after: ModelStats | None = None
+    vs_original: dict[str, OutputMetrics] = field(default_factory=dict)
+    vs_previous: dict[str, OutputMetrics] = field(default_factory=dict)
+    result: PassResult | None = None
+    iterations: int = 1
+
+
+@dataclass
+class RunOutcome:
+    model: onnx.ModelProto
+    steps: list[StepRecord]
+    baseline_failures: dict[str, str]
+    original: ModelStats
+    final: ModelStats
+    pipeline: str
+    data_source: str
+    seconds: float
+    aborted: bool = False
+
+
+class PassManager:
+    """Runs a pipeline step by step, validating each step against its budget."""
+
+    max_fixed_point_iterations = 10
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        budget: Budget | None = None,
+        on_fail: Literal["rollback", "abort"] = "rollback",
+        seed: int = 0,
+        progress: Progress = SILENT,
+    ) -> None:
+        if on_fail not in ("rollback", "abort"):
+            raise UsageError(f"on_fail must be 'rollback' or 'abort', not {on_fail!r}")
+        self.pipeline = pipeline
+        self.global_budget = budget
+        self.on_fail = on_fail
+        self.seed = seed
+        self.progress = progress
+
+    def budget_for(self, step: Step) -> Budget:
+        if step.budget is not None:
+            return step.budget
+        if step.pass_cls.lossless:
+            return step.pass_cls.budget()
+        return self.global_budget if self.global_budget is not None else step.pass_cls.budget()
+
+    def run(
+        self,
+        model: onnx.ModelProto,
+        calibration: list[Feed],
+        validation: list[Feed],
+        data_source: str = "",
+    ) -> RunOutcome:
+        start = time.perf_counter()
+        baseline, _ = structural_checks(model)
+        for check, message in baseline.failures.items():
+            log.warning("original model fails %s: %s (not held against the steps)", check, message)
+        session = runtime.make_session(model)
+        reference = runtime.run_samples(session, validation)
+        del session
+        original_stats = ModelStats.of(model)
+        accepted, previous = model, reference
+        records: list[StepRecord] = []
+        aborted = False
+        for index, step in enumerate(self.pipeline.steps, 1):
+            record, candidate, outputs = self._run_step(
+                index,
+                step,
+                accepted,
+                model,
+                calibration,
+                validation,
+                reference,
+                previous,
+                baseline.failures,
+            )
+            records.append(record)
+            log.info("step %d %s: %s %s", index, step, record.status, record.reason)
+            if record.status == "accepted":
+                accepted, previous = candidate, outputs
+            elif record.status == "rolled back" and self.on_fail == "abort":
+                aborted = True
+                break
+        outcome = RunOutcome(
+            model=accepted,
+            steps=records,
+            baseline_failures=dict(baseline.failures),
+            original=original_stats,
+            final=ModelStats.of(accepted),
+            pipeline=str(self.pipeline),
+            data_source=data_source,
+            seconds=time.perf_counter() - start,
+            aborted=aborted,
+        )
+        if aborted:
+            failed = records[-1]
+            raise CheckFailed(
+                f"step {failed.index} {failed.step} failed: {failed.reason}", outcome=outcome
+            )
+        return outcome
+
+    def _run_step(
+        self,
+        index,
+        step,
+        accepted,
+        original,
+        calibration,
+        validation,
+        reference,
+        previous,
+        tolerated,
+    ):
+        budget = self.budget_for(step)
+        record = StepRecord(index, str(step), "accepted", step.pass_cls.lossless, str(budget))
+        record.before = ModelStats.of(accepted)
+        started = time.perf_counter()
+        target = previous if step.pass_cls.lossless else reference
+
+        def evaluate(graph: gs.Graph) -> Evaluation:
+            candidate = graph_utils.to_model(graph.copy(), accepted)
+            outputs = runtime.run_samples(runtime.make_session(candidate), validation)
+            metrics = compare_outputs(target, outputs, budget.tolerance)
+            return Evaluation(metrics, budget.violations(metrics))
+
+        ctx = PassContext(
+            calibration=calibration,
+            rng=np.random.default_rng(self.seed + index),
+            seed=self.seed,
+            template=accepted,
+            original=original,
+            budget=budget,
+            progress=self.progress,
+            evaluator=evaluate,
+        )
+        candidate = outputs = None
+        try:
+            graph = graph_utils.to_graph(accepted)
+            result = self._apply(step, graph, ctx, record)
+            record.result = result
+            if not result.changed:
+                record.status, record.after = "no-op", record.before
+                return record, None, None
+            candidate = graph_utils.to_model(graph, accepted)
+            candidate, outputs, problems = self._validate(
+                candidate, validation, tolerated, record, reference, previous, budget
+            )
+        except Exception as exc:  # a pass bug must not take the run down: roll back
+            log.debug("step %s raised", step, exc_info=True)
+            problems = [f"pass raised {type(exc).__name__}: {exc}".splitlines()[0][:300]]
+            record.reason = problems[0]
+            if log.isEnabledFor(logging.DEBUG):
+                record.reason += "\n" + traceback.format_exc()
+        record.seconds = time.perf_counter() - started
+        if problems:
+            record.status, record.after = "rolled back", record.before
+            record.reason = record.reason or "; ".join(problems)
+            return record, None, None
+        record.after = ModelStats.of(candidate)
+        return record, candidate, outputs
+
+    def _apply(
+        self, step: Step, graph: gs.Graph, ctx: PassContext, record: StepRecord
+    ) -> PassResult:
+        instance = step.pass_cls(step.options)
+        result = instance.run(graph, ctx)
+        if not step.pass_cls.fixed_point:
+            return result
+        total = result
+        while result.changed and record.iterations < self.max_fixed_point_iterations:
+            result = instance.run(graph, ctx)
+            record.iterations += 1
+            total = total.merge(PassResult(False, result.counts if result.changed else {}))
+        return total
+
+    def _validate(self, candidate, validation, tolerated, record, reference, previous, budget):
+        report, _ = structural_checks(candidate)
+        problems = [
+            f"{check}: {msg}" for check, msg in report.failures.items() if check not in tolerated
+        ]
+        if problems:
+            return candidate, None, problems
+        try:
+            session = runtime.make_session(candidate)
+        except Exception as exc:
+            return (
+                candidate,
+                None,
+                [f"onnxruntime cannot load the result: {str(exc).splitlines()[0][:300]}"],
+            )
+        outputs = runtime.run_samples(
+            session,
+            self.progress(validation, desc=f"checking {record.step}", total=len(validation)),
+        )
+        tolerance = budget.tolerance
+        record.vs_original = compare_outputs(reference, outputs, tolerance)
+        record.vs_previous = compare_outputs(previous, outputs, tolerance)
+        gated = record.vs_previous if record.lossless else record.vs_original
+        return candidate, outputs, budget.violations(gated)
+
+
+# ---------------------------------------------------------------------------- TOML files
+
+PIPELINE_FILE_KEYS = {"seed", "budget", "on_fail", "data", "step"}
+DATA_KEYS = {"path", "calibration_samples", "validation_samples", "shapes"}
+
+
+def load_pipeline_file(path: str) -> tuple[Pipeline, dict[str, Any]]:
+    """Read a TOML pipeline file; return the pipeline and its run settings.
+
+    Settings keys: ``seed``, ``budget`` (global, for lossy steps), ``on_fail`` and a
+    ``[data]`` table (``path`` relative to the file, ``calibration_samples``,
+    ``validation_samples``, ``shapes = {input = "1x3x224x224"}``).
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    from pathlib import Path
+
+    file = Path(path)
+    try:
+        config = tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"pipeline file not found: {file}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{file}: not valid TOML ({exc})") from None
+    unknown = set(config) - PIPELINE_FILE_KEYS
+    if unknown:
+        raise UsageError(
+            f"{file}: unknown key(s) {', '.join(sorted(unknown))}; "
+            f"valid: {', '.join(sorted(PIPELINE_FILE_KEYS))}"
+        )
+    raw_steps = config.get("step", [])
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise UsageError(f'{file}: no [[step]] tables; each needs pass = "name"')
+    steps = []
+    for number, table in enumerate(raw_steps, 1):
+        table = dict(table)
+        name = table.pop("pass", None)
+        if not isinstance(name, str):
+            raise UsageError(f'{file}: step {number} has no pass = "name"')
+        try:
+            steps.append(Step.build(name, table))
+        except UsageError as exc:
+            raise UsageError(f"{file}: step {number}: {exc}") from None
+    settings: dict[str, Any] = {k: config[k] for k in ("seed", "budget", "on_fail") if k in config}
+    data = config.get("data", {})
+    if not isinstance(data, dict) or set(data) - DATA_KEYS:
+        raise UsageError(f"{file}: [data] accepts {', '.join(sorted(DATA_KEYS))}")
+    if "path" in data:
+        settings["data"] = str(file.parent / data["path"])
+    for key in ("calibration_samples", "validation_samples", "shapes"):
+        if key in data:
+            settings[key] = data[key]
+    return Pipeline(steps), settings

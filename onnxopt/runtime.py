@@ -1,0 +1,93 @@
+"""onnxruntime sessions for checks and for passes that need intermediate tensors.
+
+Sessions built for *checks* run with graph optimizations disabled (the model is
+measured as written, not as onnxruntime would rewrite it); ``optimize=True`` is for
+benchmarks and for inspecting the kernels onnxruntime actually picks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxopt.model import materialized
+
+Feed = Mapping[str, np.ndarray]
+
+
+def make_session(
+    model: onnx.ModelProto,
+    *,
+    optimize: bool = False,
+    threads: int | None = None,
+    optimized_model_path: str | None = None,
+) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if optimized_model_path:
+        options.optimized_model_filepath = optimized_model_path
+    with materialized(model) as source:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run_samples(
+    session: ort.InferenceSession,
+    samples: Sequence[Feed],
+    output_names: Sequence[str] | None = None,
+    progress: Iterable | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Run every sample; one dict of outputs per sample."""
+    names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
+    wanted = {i.name for i in session.get_inputs()}
+    results = []
+    for sample in progress if progress is not None else samples:
+        feed = {k: v for k, v in sample.items() if k in wanted}
+        results.append(dict(zip(names, session.run(names, feed))))
+    return results
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs the intermediate tensors ``names``."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    known = {vi.name: vi for vi in inferred.graph.value_info}
+    known.update({vi.name: vi for vi in inferred.graph.input})
+    known.update({vi.name: vi for vi in inferred.graph.output})
+    for init in model.graph.initializer:
+        known.setdefault(
+            init.name, onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims)
+        )
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    existing = {o.name for o in out.graph.output}
+    for name in names:
+        if name in existing:
+            continue
+        if name not in known or not known[name].type.HasField("tensor_type"):
+            raise ValueError(f"cannot expose tensor {name!r}: its type is unknown")
+        info = onnx.ValueInfoProto()
+        info.CopyFrom(known[name])
+        info.type.tensor_type.ClearField("shape")
+        out.graph.output.append(info)
+    return out
+
+
+def iter_activations(
+    model: onnx.ModelProto, names: Sequence[str], samples: Iterable[Feed]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield the tensors ``names`` for one sample at a time (memory stays per-sample)."""
+    session = make_session(with_outputs(model, names))
+    wanted = {i.name for i in session.get_inputs()}
+    for sample in samples:
+        feed = {k: v for k, v in sample.items() if k in wanted}
+        yield dict(zip(names, session.run(list(names), feed)))

@@ -1,0 +1,52 @@
+"""Shared test helpers: sample models, digits data, running models in onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxopt.runtime import make_session, run_samples
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+
+
+def model_path(name: str) -> Path:
+    return MODELS / f"{name}.onnx"
+
+
+def digits(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    with np.load(MODELS / f"digits_{split}.npz") as data:
+        return data["input"], data["label"]
+
+
+def run(model: onnx.ModelProto | str | Path, feeds: list[dict[str, np.ndarray]]) -> list[dict]:
+    """Outputs of ``model`` in onnxruntime (optimizations off), one dict per feed."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    return run_samples(make_session(model), feeds)
+
+
+def accuracy(model: onnx.ModelProto | str | Path, split: str = "test") -> float:
+    images, labels = digits(split)
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    session = make_session(model)
+    logits = session.run(None, {session.get_inputs()[0].name: images})[0]
+    return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+def seeded_feeds(model: onnx.ModelProto, count: int = 4, seed: int = 0) -> list[dict]:
+    from onnxopt.data import prepare_samples
+
+    return prepare_samples(
+        model, seed=seed, calibration_samples=0, validation_samples=count
+    ).validation
+
+
+@pytest.fixture
+def cnn_path() -> Path:
+    return model_path("digits_cnn")

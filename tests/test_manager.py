@@ -1,0 +1,208 @@
+"""PassManager: budgets, rollback, abort, fixed points, isolation of snapshots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from conftest import model_path, run, seeded_feeds
+
+import onnxopt
+from onnxopt.check import assert_equivalent
+from onnxopt.errors import CheckFailed
+from onnxopt.pipeline import Pass, PassResult, option, register_pass, unregister_pass
+
+
+def _gemm_weights(graph: gs.Graph) -> list[gs.Constant]:
+    return [
+        n.inputs[1] for n in graph.nodes if n.op == "Gemm" and isinstance(n.inputs[1], gs.Constant)
+    ]
+
+
+class NoisePass(Pass):
+    """Test-only lossy pass: adds seeded relative noise to every Gemm weight."""
+
+    name = "test-noise"
+    summary = "add noise"
+
+    @dataclass
+    class Options:
+        scale: float = option(0.01, "relative noise")
+
+    def run(self, graph, ctx):
+        for weight in _gemm_weights(graph):
+            noise = ctx.rng.standard_normal(weight.values.shape).astype(np.float32)
+            weight.values = (
+                weight.values + self.options.scale * np.abs(weight.values).mean() * noise
+            )
+        return PassResult(changed=True, counts={"touched": len(_gemm_weights(graph))})
+
+
+class InPlaceThenRaisePass(Pass):
+    """Writes into weight arrays in place, then crashes: the rollback must undo it."""
+
+    name = "test-inplace-raise"
+    summary = "corrupt then raise"
+
+    def run(self, graph, ctx):
+        for weight in _gemm_weights(graph):
+            weight.values[...] = 0.0
+        raise RuntimeError("boom")
+
+
+class InvalidGraphPass(Pass):
+    name = "test-invalid"
+    summary = "produce an op onnx does not know"
+
+    def run(self, graph, ctx):
+        graph.nodes[0].op = "NoSuchOp"
+        return PassResult(changed=True)
+
+
+class TinyLosslessDrift(Pass):
+    """Claims to be lossless but perturbs weights by 1e-2: strict budget must catch it."""
+
+    name = "test-drift"
+    summary = "fake lossless"
+    lossless = True
+
+    def run(self, graph, ctx):
+        for weight in _gemm_weights(graph):
+            weight.values = weight.values + np.float32(1e-2)
+        return PassResult(changed=True)
+
+
+class CountdownPass(Pass):
+    """Changes something on its first two runs only (a cleanup-like pass)."""
+
+    name = "test-countdown"
+    summary = "fixed point"
+    lossless = True
+    fixed_point = True
+
+    def run(self, graph, ctx):
+        budget = graph.__dict__.setdefault("_countdown", [2])
+        if budget[0] == 0:
+            return PassResult(changed=False)
+        budget[0] -= 1
+        return PassResult(changed=True, counts={"rounds": 1})
+
+
+TEST_PASSES = (NoisePass, InPlaceThenRaisePass, InvalidGraphPass, TinyLosslessDrift, CountdownPass)
+
+
+@pytest.fixture(autouse=True)
+def test_passes():
+    for cls in TEST_PASSES:
+        register_pass(cls)
+    yield
+    for cls in TEST_PASSES:
+        unregister_pass(cls.name)
+
+
+MLP = model_path("digits_mlp")
+
+
+def test_small_noise_is_accepted_and_measured():
+    result = onnxopt.optimize(MLP, "test-noise(scale=0.001)")
+    step = result.steps[0]
+    assert step["status"] == "accepted"
+    assert step["compared_with"] == "original model"
+    cosine = step["metrics_vs_original"]["logits"]["cosine"]
+    assert 0.999 < cosine < 1.0
+    assert step["counts"] == {"touched": 3}
+
+
+def test_over_budget_step_is_rolled_back_and_run_continues():
+    result = onnxopt.optimize(MLP, "test-noise(scale=3.0),test-noise(scale=0.001)")
+    first, second = result.steps
+    assert first["status"] == "rolled back"
+    assert "cosine" in first["reason"] and "needs >=0.99" in first["reason"]
+    assert second["status"] == "accepted"
+    # the final model carries only the second (small) perturbation
+    feeds = seeded_feeds(result.model, 8)
+    assert_equivalent(run(MLP, feeds), run(result.model, feeds), "cosine>=0.999")
+
+
+def test_global_budget_override_and_none():
+    loose = onnxopt.optimize(MLP, "test-noise(scale=3.0)", budget="cosine>=0.1")
+    assert loose.steps[0]["status"] == "accepted"
+    ungated = onnxopt.optimize(MLP, "test-noise(scale=3.0)", budget="none")
+    assert ungated.steps[0]["status"] == "accepted"
+    assert ungated.steps[0]["metrics_vs_original"]["logits"]["cosine"] < 0.99
+
+
+def test_per_step_budget_beats_global():
+    result = onnxopt.optimize(MLP, 'test-noise(scale=3.0,budget="cosine>=0.9999")', budget="none")
+    assert result.steps[0]["status"] == "rolled back"
+
+
+def test_raising_pass_is_rolled_back_without_leaking_in_place_writes():
+    result = onnxopt.optimize(MLP, "test-inplace-raise,test-noise(scale=0.0)")
+    assert result.steps[0]["status"] == "rolled back"
+    assert "pass raised RuntimeError: boom" in result.steps[0]["reason"]
+    original = {
+        t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(MLP)).graph.initializer
+    }
+    final = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    for name, values in original.items():
+        np.testing.assert_array_equal(final[name], values)
+
+
+def test_structurally_invalid_result_is_rolled_back():
+    result = onnxopt.optimize(MLP, "test-invalid")
+    step = result.steps[0]
+    assert step["status"] == "rolled back"
+    assert "NoSuchOp" in step["reason"]
+
+
+def test_lossless_pass_gets_the_strict_budget_even_with_global_none():
+    result = onnxopt.optimize(MLP, "test-drift", budget="none")
+    step = result.steps[0]
+    assert step["status"] == "rolled back"
+    assert "atol=1e-05" in step["reason"]
+    assert step["compared_with"] == "previous step"
+
+
+def test_lossless_step_after_lossy_step_compares_with_previous():
+    result = onnxopt.optimize(MLP, "test-noise(scale=0.01),test-countdown")
+    noise, countdown = result.steps
+    assert noise["status"] == "accepted"
+    assert countdown["status"] == "accepted"
+    assert countdown["metrics_vs_previous"]["logits"]["max_abs"] == 0
+    assert countdown["metrics_vs_original"]["logits"]["max_abs"] > 0
+
+
+def test_fixed_point_pass_reruns_until_no_change():
+    result = onnxopt.optimize(MLP, "test-countdown")
+    step = result.steps[0]
+    assert step["iterations"] == 3  # changed, changed, unchanged
+    assert step["counts"] == {"rounds": 2}
+
+
+def test_abort_raises_with_outcome():
+    with pytest.raises(CheckFailed) as info:
+        onnxopt.optimize(MLP, "test-noise(scale=3.0),test-noise(scale=0.001)", on_fail="abort")
+    outcome = info.value.outcome
+    assert [s.status for s in outcome.steps] == ["rolled back"]
+    assert outcome.aborted
+
+
+def test_input_model_is_never_modified(tmp_path):
+    before = MLP.read_bytes()
+    result = onnxopt.optimize(MLP, "test-noise(scale=0.001)")
+    result.save(tmp_path / "out.onnx")
+    assert MLP.read_bytes() == before
+    with pytest.raises(onnxopt.ModelError, match="refusing to overwrite"):
+        result.save(MLP)
+
+
+def test_same_seed_same_bytes():
+    a = onnxopt.optimize(MLP, "test-noise(scale=0.01)", seed=3).model.SerializeToString()
+    b = onnxopt.optimize(MLP, "test-noise(scale=0.01)", seed=3).model.SerializeToString()
+    c = onnxopt.optimize(MLP, "test-noise(scale=0.01)", seed=4).model.SerializeToString()
+    assert a == b
+    assert a != c

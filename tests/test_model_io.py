@@ -1,0 +1,182 @@
+"""Model IO: external data (and hostile external data), atomic saves, Constant-node weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import model_path, run, seeded_feeds
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxopt
+from onnxopt.check import assert_equivalent
+from onnxopt.errors import ModelError
+from onnxopt.graph import to_graph, to_model
+from onnxopt.model import load_model, save_model
+
+
+def _matmul_model(weight: np.ndarray) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, weight.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, weight.shape[1]])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _external_model(folder: Path, location: str = "weights.bin") -> Path:
+    weight = np.arange(64 * 32, dtype=np.float32).reshape(64, 32) / 100
+    model = _matmul_model(weight)
+    path = folder / "m.onnx"
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, location=location, size_threshold=0
+    )
+    return path
+
+
+def _set_location(path: Path, **fields: str) -> None:
+    """Rewrite the external_data entries of every external tensor (without loading data)."""
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key in fields:
+                entry.value = fields[entry.key]
+        present = {e.key for e in tensor.external_data}
+        for key, value in fields.items():
+            if key not in present:
+                tensor.external_data.add(key=key, value=value)
+    path.write_bytes(model.SerializeToString())
+
+
+def test_external_data_roundtrip(tmp_path):
+    path = _external_model(tmp_path)
+    loaded = load_model(path)
+    assert loaded.external_files == [(tmp_path / "weights.bin").resolve()]
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    save_model(loaded.proto, out, external_data=True)
+    assert (out.parent / "o.onnx.data").exists()
+    again = load_model(out)
+    feeds = seeded_feeds(again.proto, 2)
+    assert_equivalent(run(loaded.proto, feeds), run(again.proto, feeds), "atol=0,rtol=0")
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".onnxopt-")]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"location": "../weights.bin"}, "contains '..'"),
+        ({"location": "/etc/passwd"}, "absolute path"),
+        ({"location": "sub/../../weights.bin"}, "contains '..'"),
+        ({"location": "missing.bin"}, "not found"),
+        ({"offset": "4096000"}, "only"),
+        ({"length": "999999999"}, "only"),
+        ({"offset": "-4"}, "negative"),
+        ({"offset": "abc"}, "non-integer"),
+    ],
+)
+def test_hostile_external_data_is_refused(tmp_path, fields, message):
+    path = _external_model(tmp_path)
+    _set_location(path, **fields)
+    with pytest.raises(ModelError) as info:
+        load_model(path)
+    assert message in str(info.value)
+
+
+def test_symlink_escaping_the_folder_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    inside = tmp_path / "model"
+    outside.mkdir()
+    inside.mkdir()
+    path = _external_model(inside)
+    os.replace(inside / "weights.bin", outside / "weights.bin")
+    (inside / "weights.bin").symlink_to(outside / "weights.bin")
+    with pytest.raises(ModelError, match="outside the model's folder"):
+        load_model(path)
+
+
+def test_enormous_declared_shape_is_refused_before_reading(tmp_path):
+    path = _external_model(tmp_path)
+    model = onnx.load(str(path), load_external_data=False)
+    del model.graph.initializer[0].dims[:]
+    model.graph.initializer[0].dims.extend([1 << 20, 1 << 20])
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelError, match="needs bytes"):
+        load_model(path)
+
+
+def test_save_is_atomic_and_refuses_input(tmp_path):
+    path = tmp_path / "m.onnx"
+    save_model(_matmul_model(np.ones((4, 4), np.float32)), path)
+    before = path.read_bytes()
+    with pytest.raises(ModelError, match="refusing to overwrite"):
+        save_model(_matmul_model(np.zeros((4, 4), np.float32)), path, protect=[path])
+    assert path.read_bytes() == before
+    with pytest.raises(ModelError, match="does not exist"):
+        save_model(_matmul_model(np.ones((4, 4), np.float32)), tmp_path / "nope" / "x.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_automatic_external_data_threshold(tmp_path, monkeypatch):
+    import onnxopt.model as model_module
+
+    monkeypatch.setattr(model_module, "EXTERNAL_DATA_THRESHOLD", 1000)
+    out = tmp_path / "big.onnx"
+    save_model(_matmul_model(np.ones((64, 64), np.float32)), out)
+    assert (tmp_path / "big.onnx.data").stat().st_size >= 64 * 64 * 4
+    assert out.stat().st_size < 1000
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "not an ONNX model"),
+        (b"\x08\x07garbage-garbage", "not"),
+        (b"hello world, this is not a model", "not"),
+    ],
+)
+def test_non_onnx_files(tmp_path, content, message):
+    path = tmp_path / "x.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ModelError) as info:
+        load_model(path)
+    assert message in str(info.value)
+
+
+def test_truncated_model(tmp_path):
+    data = model_path("digits_cnn").read_bytes()
+    path = tmp_path / "t.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match=r"not a readable ONNX model|not an ONNX model"):
+        load_model(path)
+
+
+def test_constant_node_weights_are_lifted_like_initializers():
+    model = onnx.load(str(model_path("digits_mlp_op11_constants")))
+    assert not model.graph.initializer
+    graph = to_graph(model)
+    assert not [n for n in graph.nodes if n.op == "Constant"]
+    lifted = to_model(graph, model)
+    assert len(lifted.graph.initializer) == 6
+    feeds = seeded_feeds(model, 4)
+    assert_equivalent(run(model, feeds), run(lifted, feeds), "atol=0,rtol=0")
+    # and the stats see the same parameter count as the initializer-based MLP
+    r1 = onnxopt.optimize(model, "cleanup")
+    r2 = onnxopt.optimize(model_path("digits_mlp"), "cleanup")
+    assert r1.report["original"]["params"] == r2.report["original"]["params"] == 17226
+
+
+def test_metadata_survives_the_roundtrip():
+    model = onnx.load(str(model_path("digits_mlp")))
+    onnx.helper.set_model_props(model, {"author": "tests", "license": "MIT"})
+    model.doc_string = "doc"
+    model.model_version = 7
+    out = to_model(to_graph(model), model)
+    assert {p.key: p.value for p in out.metadata_props} == {"author": "tests", "license": "MIT"}
+    assert out.doc_string == "doc" and out.model_version == 7
+    assert out.producer_name == "pytorch"
