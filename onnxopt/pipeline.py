@@ -40,7 +40,7 @@ from onnxopt.check import (
 )
 from onnxopt.data import Feed
 from onnxopt.errors import CheckFailed, UsageError
-from onnxopt.model import proto_nbytes
+from onnxopt.model import compressed_size, proto_nbytes
 from onnxopt.progress import SILENT, Progress
 
 log = logging.getLogger(__name__)
@@ -452,21 +452,27 @@ def matches_any(name: str, patterns: Iterable[str]) -> bool:
 # ---------------------------------------------------------------------------- manager
 
 
+COMPRESS_LIMIT = 256 * 2**20  # deflating bigger models costs more than it tells
+
+
 @dataclass
 class ModelStats:
     nodes: int
     params: int
     size: int
     ops: dict[str, int]
+    compressed: int | None = None  # deflate-compressed size (what zeros and codebooks shrink)
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> ModelStats:
         graph = graph_utils.to_graph(model)
+        size = proto_nbytes(model)
         return cls(
             len(graph.nodes),
             graph_utils.param_count(graph),
-            proto_nbytes(model),
+            size,
             graph_utils.op_histogram(graph),
+            compressed_size(model) if size <= COMPRESS_LIMIT else None,
         )
 
 
