@@ -33,12 +33,48 @@ _CONSTANT_VALUE_ATTRS = ("value", "value_float", "value_floats", "value_int", "v
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import ``model`` as a graphsurgeon graph with Constant-node weights lifted."""
+    """Import ``model`` as a graphsurgeon graph with Constant-node weights lifted.
+
+    From IR 4 on, a graph input that also has an initializer is an input with a
+    default value the caller may override; graphsurgeon would silently turn it into a
+    constant and drop the input. It is kept as an input here (passes cannot fold it)
+    and its default value is re-attached by ``to_model``. In IR 3 every initializer had
+    to be listed as an input, so there the listing means nothing and is dropped.
+    """
     graph = gs.import_onnx(model)
+    if model.ir_version >= 4:
+        _keep_overridable_inputs(graph, model)
     lifted = lift_constant_nodes(graph)
     if lifted:
         log.debug("lifted %d Constant nodes into initializers", lifted)
     return graph
+
+
+_DEFAULTS_ATTR = "_onnxopt_input_defaults"
+
+
+def _keep_overridable_inputs(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    initializers = {t.name: t for t in model.graph.initializer}
+    overridable = [v for v in model.graph.input if v.name in initializers]
+    if not overridable:
+        return
+    tensors = graph.tensors()
+    defaults = {}
+    inputs = []
+    for value in model.graph.input:
+        if value.name not in initializers:
+            inputs.append(tensors[value.name])
+            continue
+        const = tensors[value.name]
+        variable = gs.Variable(value.name, dtype=const.dtype, shape=list(const.shape))
+        for consumer in list(const.outputs):
+            for i, tensor in enumerate(consumer.inputs):
+                if tensor is const:
+                    consumer.inputs[i] = variable
+        defaults[value.name] = initializers[value.name]
+        inputs.append(variable)
+    graph.inputs = inputs
+    setattr(graph, _DEFAULTS_ATTR, defaults)
 
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
@@ -48,6 +84,10 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
         # Constant nodes would break that. IR 4 drops the rule and runs everywhere.
         graph.ir_version = 4
     model = gs.export_onnx(graph, do_type_check=False)
+    input_names = {i.name for i in model.graph.input}
+    for name, default in getattr(graph, _DEFAULTS_ATTR, {}).items():
+        if name in input_names:
+            model.graph.initializer.append(default)
     model.doc_string = template.doc_string
     model.domain = template.domain
     model.model_version = template.model_version
@@ -86,6 +126,8 @@ def _constant_node_values(node: gs.Node) -> np.ndarray | None:
         if key not in node.attrs:
             continue
         value = node.attrs[key]
+        if _is_string_tensor(value):
+            return None  # graphsurgeon cannot export string arrays as initializers
         if isinstance(value, gs.Constant):
             return value.values
         if isinstance(value, onnx.TensorProto):
@@ -99,7 +141,26 @@ def _constant_node_values(node: gs.Node) -> np.ndarray | None:
     return None  # value_string(s) / sparse_value: leave as a node
 
 
+def _is_string_tensor(value) -> bool:
+    if isinstance(value, onnx.TensorProto):
+        return value.data_type == onnx.TensorProto.STRING
+    if isinstance(value, gs.Constant):
+        return value.dtype.kind in "OUS" or value.export_dtype == onnx.TensorProto.STRING
+    return False
+
+
 # ---------------------------------------------------------------------------- queries
+
+
+def is_topologically_sorted(graph: gs.Graph) -> bool:
+    """True when every node comes after the producers of its inputs."""
+    seen: set[int] = set()
+    for node in graph.nodes:
+        for tensor in node.inputs:
+            if tensor.inputs and id(tensor.inputs[0]) not in seen:
+                return False
+        seen.add(id(node))
+    return True
 
 
 @dataclass(frozen=True)

@@ -381,7 +381,7 @@ def _parse_pipeline_text(text: str) -> list[tuple[str, dict[str, str]]]:
                 if key in args:
                     raise UsageError(f"pipeline text: option {key!r} given twice for {name}")
                 args[key] = value
-                if tokens[i][1] == ")" if i < len(tokens) else False:
+                if i < len(tokens) and tokens[i][:2] == ("punct", ")"):
                     i += 1
                     break
                 expect("punct", ",")
@@ -661,7 +661,8 @@ class PassManager:
         while result.changed and record.iterations < self.max_fixed_point_iterations:
             result = instance.run(graph, ctx)
             record.iterations += 1
-            total = total.merge(PassResult(False, result.counts if result.changed else {}))
+            if result.changed:
+                total = total.merge(result)
         return total
 
     def _validate(self, candidate, validation, tolerated, record, reference, previous, budget):

@@ -17,6 +17,10 @@ from onnxopt.model import materialized
 
 Feed = Mapping[str, np.ndarray]
 
+# onnxruntime's default logger prints optimizer chatter ("cannot remove node") to
+# stderr from sessions graphsurgeon and the checks create; errors still raise.
+ort.set_default_logger_severity(3)
+
 
 def make_session(
     model: onnx.ModelProto,
@@ -41,6 +45,12 @@ def make_session(
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
+def feedable(session: ort.InferenceSession) -> set[str]:
+    """Names a feed may set: inputs plus inputs with a default (overridable initializers)."""
+    names = {i.name for i in session.get_inputs()}
+    return names | {i.name for i in session.get_overridable_initializers()}
+
+
 def run_samples(
     session: ort.InferenceSession,
     samples: Sequence[Feed],
@@ -49,7 +59,7 @@ def run_samples(
 ) -> list[dict[str, np.ndarray]]:
     """Run every sample; one dict of outputs per sample."""
     names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
-    wanted = {i.name for i in session.get_inputs()}
+    wanted = feedable(session)
     results = []
     for sample in progress if progress is not None else samples:
         feed = {k: v for k, v in sample.items() if k in wanted}
@@ -87,7 +97,7 @@ def iter_activations(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield the tensors ``names`` for one sample at a time (memory stays per-sample)."""
     session = make_session(with_outputs(model, names))
-    wanted = {i.name for i in session.get_inputs()}
+    wanted = feedable(session)
     for sample in samples:
         feed = {k: v for k, v in sample.items() if k in wanted}
         yield dict(zip(names, session.run(list(names), feed)))

@@ -6,4 +6,10 @@ this order, and each module registers its passes with ``@register_pass``.
 
 from __future__ import annotations
 
+# Import (= registration) order is explicit, not alphabetical.
+# isort: off
 from onnxopt.passes import cleanup  # noqa: F401
+from onnxopt.passes import fold_constants  # noqa: F401
+from onnxopt.passes import fold_batchnorm  # noqa: F401
+from onnxopt.passes import dedupe_initializers  # noqa: F401
+# isort: on

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import bypass_node
+from onnxopt.graph import bypass_node, is_topologically_sorted
 from onnxopt.pipeline import Pass, PassContext, PassResult, register_pass
 
 
@@ -37,7 +37,7 @@ class CleanupPass(Pass):
             if node.op in bypassed and self._try_bypass(graph, node):
                 bypassed[node.op] += 1
         graph.cleanup(remove_unused_graph_inputs=False)
-        reordered = not _is_sorted(graph)
+        reordered = not is_topologically_sorted(graph)
         if reordered:  # graphsurgeon's toposort may reorder a valid order: only sort if needed
             graph.toposort()
         removed_consts = len(consts_before - _constant_names(graph))
@@ -74,13 +74,3 @@ def _dropout_is_inference(node: gs.Node) -> bool:
 
 def _constant_names(graph: gs.Graph) -> set[str]:
     return {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
-
-
-def _is_sorted(graph: gs.Graph) -> bool:
-    seen: set[int] = set()
-    for node in graph.nodes:
-        for tensor in node.inputs:
-            if tensor.inputs and id(tensor.inputs[0]) not in seen:
-                return False
-        seen.add(id(node))
-    return True

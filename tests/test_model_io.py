@@ -180,3 +180,39 @@ def test_metadata_survives_the_roundtrip():
     assert {p.key: p.value for p in out.metadata_props} == {"author": "tests", "license": "MIT"}
     assert out.doc_string == "doc" and out.model_version == 7
     assert out.producer_name == "pytorch"
+
+
+def test_overridable_inputs_keep_their_default_and_signature():
+    """IR >= 4: an input that also has an initializer stays an input, default included."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "bias"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+            helper.make_tensor_value_info("bias", TensorProto.FLOAT, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "bias")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out = onnxopt.optimize(model, "cleanup,fold-constants,dedupe-initializers").model
+    assert [i.name for i in out.graph.input] == ["x", "bias"]
+    assert [t.name for t in out.graph.initializer] == ["bias"]
+    feed = {"x": np.zeros(2, np.float32)}
+    assert run(out, [feed])[0]["y"].tolist() == [1.0, 2.0]
+    assert run(out, [{**feed, "bias": np.ones(2, np.float32)}])[0]["y"].tolist() == [1.0, 1.0]
+
+
+def test_string_constant_nodes_stay_nodes():
+    node = helper.make_node(
+        "Constant", [], ["s"], value=helper.make_tensor("v", TensorProto.STRING, [1], [b"a"])
+    )
+    graph = helper.make_graph(
+        [node, helper.make_node("Identity", ["s"], ["y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.STRING, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    exported = to_model(to_graph(model), model)
+    assert [n.op_type for n in exported.graph.node] == ["Constant", "Identity"]
