@@ -85,7 +85,7 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
         graph.ir_version = 4
     model = gs.export_onnx(graph, do_type_check=False)
     input_names = {i.name for i in model.graph.input}
-    for name, default in getattr(graph, _DEFAULTS_ATTR, {}).items():
+    for name, default in graph.__dict__.get(_DEFAULTS_ATTR, {}).items():
         if name in input_names:
             model.graph.initializer.append(default)
     model.doc_string = template.doc_string
@@ -97,6 +97,17 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
         model.producer_name = template.producer_name
         model.producer_version = template.producer_version
     return model
+
+
+def copy_graph(graph: gs.Graph) -> gs.Graph:
+    """``graph.copy()`` that keeps onnxopt's per-graph data (input defaults).
+
+    Like graphsurgeon's copy, weight arrays are shared: never write into them.
+    """
+    clone = graph.copy()
+    if _DEFAULTS_ATTR in graph.__dict__:
+        setattr(clone, _DEFAULTS_ATTR, dict(graph.__dict__[_DEFAULTS_ATTR]))
+    return clone
 
 
 def lift_constant_nodes(graph: gs.Graph) -> int:

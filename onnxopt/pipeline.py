@@ -429,7 +429,7 @@ class PassContext:
         return self.evaluator(graph)
 
     def to_model(self, graph: gs.Graph) -> onnx.ModelProto:
-        return graph_utils.to_model(graph.copy(), self.template)
+        return graph_utils.to_model(graph_utils.copy_graph(graph), self.template)
 
     def activations(
         self, graph: gs.Graph, names: Sequence[str], desc: str = "calibrating"
@@ -609,7 +609,7 @@ class PassManager:
         target = previous if step.pass_cls.lossless else reference
 
         def evaluate(graph: gs.Graph) -> Evaluation:
-            candidate = graph_utils.to_model(graph.copy(), accepted)
+            candidate = graph_utils.to_model(graph_utils.copy_graph(graph), accepted)
             outputs = runtime.run_samples(runtime.make_session(candidate), validation)
             metrics = compare_outputs(target, outputs, budget.tolerance)
             return Evaluation(metrics, budget.violations(metrics))

@@ -216,3 +216,21 @@ def test_string_constant_nodes_stay_nodes():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     exported = to_model(to_graph(model), model)
     assert [n.op_type for n in exported.graph.node] == ["Constant", "Identity"]
+
+
+def test_overridable_inputs_survive_graph_copies():
+    from onnxopt.graph import copy_graph
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "bias"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+            helper.make_tensor_value_info("bias", TensorProto.FLOAT, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "bias")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    exported = to_model(copy_graph(to_graph(model)), model)
+    assert [t.name for t in exported.graph.initializer] == ["bias"]
