@@ -19,7 +19,7 @@ Feed = Mapping[str, np.ndarray]
 
 # onnxruntime's default logger prints optimizer chatter ("cannot remove node") to
 # stderr from sessions graphsurgeon and the checks create; errors still raise.
-ort.set_default_logger_severity(3)
+ort.set_default_logger_severity(4)
 
 
 def make_session(
@@ -35,7 +35,7 @@ def make_session(
         if optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures raise with their message; no stderr noise
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
