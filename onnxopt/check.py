@@ -274,7 +274,7 @@ class StructuralReport:
 def structural_checks(model: onnx.ModelProto) -> tuple[StructuralReport, onnx.ModelProto | None]:
     """onnx full checker + strict shape inference. Returns the report and the inferred
     model (None when inference failed)."""
-    from onnxopt.model import EXTERNAL_DATA_THRESHOLD, proto_nbytes
+    from onnxopt.model import EXTERNAL_DATA_THRESHOLD, densify_sparse_initializers, proto_nbytes
 
     report = StructuralReport()
     inferred = None
@@ -292,35 +292,6 @@ def structural_checks(model: onnx.ModelProto) -> tuple[StructuralReport, onnx.Mo
     except Exception as exc:
         report.failures["shape_inference"] = _first_line(exc)
     return report, inferred
-
-
-def densify_sparse_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with its main graph's ``sparse_initializer`` entries as dense initializers.
-
-    onnx's shape inference (1.23) types a sparse initializer as ``sparse_tensor(T)``,
-    which no dense op accepts, while onnxruntime densifies sparse initializers when it
-    loads a model; so shapes are checked on the dense equivalent. Returns ``model``
-    itself when it has none.
-    """
-    if not model.graph.sparse_initializer:
-        return model
-    from onnx import numpy_helper
-
-    dense = onnx.ModelProto()
-    dense.CopyFrom(model)
-    for sparse in dense.graph.sparse_initializer:
-        values = numpy_helper.to_array(sparse.values).ravel()
-        indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
-        dims = tuple(int(d) for d in sparse.dims)
-        array = np.zeros(int(np.prod(dims, dtype=np.int64)), dtype=values.dtype)
-        if indices.ndim == 2 and indices.size:
-            indices = np.ravel_multi_index(tuple(indices.T), dims)
-        array[indices.ravel()] = values
-        dense.graph.initializer.append(
-            numpy_helper.from_array(array.reshape(dims), sparse.values.name)
-        )
-    del dense.graph.sparse_initializer[:]
-    return dense
 
 
 def _first_line(exc: BaseException) -> str:

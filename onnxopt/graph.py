@@ -17,6 +17,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import SparseValues
+
+from onnxopt.model import sparse_to_dense
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     to be listed as an input, so there the listing means nothing and is dropped.
     """
     graph = gs.import_onnx(model)
+    _keep_sparse_dtypes(graph)
     if model.ir_version >= 4:
         _keep_overridable_inputs(graph, model)
     lifted = lift_constant_nodes(graph)
@@ -51,6 +55,20 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 _DEFAULTS_ATTR = "_onnxopt_input_defaults"
+
+
+class _SparseValues(SparseValues):
+    """graphsurgeon's SparseValues loads as float64 and misreads ``raw_data``; decode
+    in the stored dtype. Still a SparseValues, so an untouched tensor exports sparse."""
+
+    def load(self) -> np.ndarray:
+        return sparse_to_dense(self.tensor)
+
+
+def _keep_sparse_dtypes(graph: gs.Graph) -> None:
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and type(tensor._values) is SparseValues:
+            tensor._values = _SparseValues(tensor._values.tensor)
 
 
 def _keep_overridable_inputs(graph: gs.Graph, model: onnx.ModelProto) -> None:

@@ -20,8 +20,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from onnxopt.errors import ModelError
 
@@ -200,6 +201,39 @@ def _safe_external_path(location: str, base: Path, where: str) -> Path:
     if not resolved.is_file():
         raise ModelError(f"{where}: external data file {location!r} not found in {base}")
     return resolved
+
+
+def sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    """Decode a COO SparseTensorProto (linear ``[NNZ]`` or ``[NNZ, rank]`` indices),
+    keeping the stored dtype."""
+    values = numpy_helper.to_array(sparse.values).ravel()
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dims = tuple(int(d) for d in sparse.dims)
+    dense = np.zeros(int(np.prod(dims, dtype=np.int64)), dtype=values.dtype)
+    if indices.ndim == 2:
+        indices = np.ravel_multi_index(tuple(indices.T), dims) if indices.size else indices[:, 0]
+    dense[indices.ravel()] = values
+    return dense.reshape(dims)
+
+
+def densify_sparse_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its main graph's ``sparse_initializer`` entries as dense initializers.
+
+    onnx's shape inference (1.23) types a sparse initializer as ``sparse_tensor(T)``,
+    which no dense op accepts, while onnxruntime densifies sparse initializers when it
+    loads a model; so shapes are inferred on the dense equivalent. Returns ``model``
+    itself when it has none.
+    """
+    if not model.graph.sparse_initializer:
+        return model
+    dense = onnx.ModelProto()
+    dense.CopyFrom(model)
+    for sparse in dense.graph.sparse_initializer:
+        dense.graph.initializer.append(
+            numpy_helper.from_array(sparse_to_dense(sparse), sparse.values.name)
+        )
+    del dense.graph.sparse_initializer[:]
+    return dense
 
 
 # ---------------------------------------------------------------------------- save

@@ -18,6 +18,7 @@ import logging
 import re
 import time
 import traceback
+import types
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -186,7 +187,7 @@ def make_options(cls: type[Pass], raw: Mapping[str, Any]) -> Any:
 def coerce(value: Any, hint: Any) -> Any:
     """Convert ``value`` (often a string from pipeline text) to the type ``hint``."""
     origin = typing.get_origin(hint)
-    if origin is typing.Union or (origin is None and isinstance(hint, type(int | str))):
+    if origin in (typing.Union, types.UnionType):
         errors = []
         for member in typing.get_args(hint):
             try:

@@ -106,7 +106,17 @@ def _fmt_metric(name: str, value: Any) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     """A fixed-width summary: one row per step plus the totals."""
-    header = ("#", "step", "status", "time", "nodes", "size", "params", "worst vs original")
+    header = (
+        "#",
+        "step",
+        "status",
+        "time",
+        "nodes",
+        "size",
+        "deflated",
+        "params",
+        "worst vs original",
+    )
     rows = []
     for s in report["steps"]:
         after = s["after"] or s["before"] or {}
@@ -124,6 +134,7 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{s['seconds']:.2f}s",
                 str(after.get("nodes", "")),
                 _human_bytes(after.get("size")),
+                _human_bytes(after.get("compressed")),
                 f"{after.get('params', 0):,}",
                 metrics,
             )
@@ -137,6 +148,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"{report['seconds']:.2f}s",
             f"{o['nodes']}->{f['nodes']}",
             f"{_human_bytes(o['size'])}->{_human_bytes(f['size'])}",
+            f"{_human_bytes(o.get('compressed'))}->{_human_bytes(f.get('compressed'))}",
             f"{o['params']:,}->{f['params']:,}",
             "",
         )

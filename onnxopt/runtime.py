@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxopt.model import materialized
+from onnxopt.model import densify_sparse_initializers, materialized
 
 Feed = Mapping[str, np.ndarray]
 
@@ -69,7 +69,7 @@ def run_samples(
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of ``model`` whose graph also outputs the intermediate tensors ``names``."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx.shape_inference.infer_shapes(densify_sparse_initializers(model))
     known = {vi.name: vi for vi in inferred.graph.value_info}
     known.update({vi.name: vi for vi in inferred.graph.input})
     known.update({vi.name: vi for vi in inferred.graph.output})

@@ -33,6 +33,7 @@ class DemoPass(Pass):
         flag: bool = option(False, "a bool")
         exclude: list[str] = option((), "globs")
         label: str = option("", "free text")
+        limit: float | None = option(None, "optional number")
 
         def validate(self) -> None:
             if self.count < 0:
@@ -72,6 +73,14 @@ def test_union_with_literal_and_quoted_strings():
     assert step.options.label == "a, b (c)"
     assert str(step) == 'demo-options(sparsity=auto,label="a, b (c)")'
     assert Pipeline.parse(str(step)).steps[0].options.label == "a, b (c)"
+
+
+def test_optional_number():
+    assert Pipeline.parse("demo-options(limit=0.5)").steps[0].options.limit == 0.5
+    assert Pipeline.parse("demo-options(limit=none)").steps[0].options.limit is None
+    assert str(Pipeline.parse("demo-options(limit=none)")) == "demo-options"
+    with pytest.raises(UsageError, match="expected a number; or expected none"):
+        Pipeline.parse("demo-options(limit=x)")
 
 
 def test_per_step_budget_in_text():

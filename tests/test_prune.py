@@ -1,0 +1,364 @@
+"""prune-initializers and clip-weights: exact sparsity, N:M structure, auto search,
+sparse storage, eligibility, idempotence, clipping statistics, option errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxopt.passes.prune  # registers prune-initializers and clip-weights
+import pytest
+from conftest import MODELS, accuracy, digits, model_path, run
+from onnx import TensorProto, helper, numpy_helper
+from onnxopt.passes.prune import sparse_to_dense
+
+import onnxopt
+from onnxopt.check import structural_checks
+from onnxopt.errors import UsageError
+
+DATA = str(MODELS / "digits_train.npz")
+
+
+def optimize(name_or_model, pipeline: str, budget: str | None = "none", **kwargs):
+    source = (
+        name_or_model if isinstance(name_or_model, onnx.ModelProto) else model_path(name_or_model)
+    )
+    if isinstance(source, onnx.ModelProto):
+        kwargs.setdefault("validation_samples", 4)
+        kwargs.setdefault("calibration_samples", 16)
+    else:
+        kwargs.setdefault("data", DATA)
+    return onnxopt.optimize(source, pipeline, budget=budget, **kwargs)
+
+
+def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every initializer, dense or sparse, as a dense array."""
+    found = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for sparse in model.graph.sparse_initializer:
+        found[sparse.values.name] = sparse_to_dense(sparse)
+    return found
+
+
+def _test_images() -> list[dict[str, np.ndarray]]:
+    images, _ = digits("test")
+    return [{"input": images[i : i + 1]} for i in range(0, 540, 9)]
+
+
+def eligible(step: dict) -> dict[str, dict]:
+    return {t["tensor"]: t for t in step["details"]["tensors"]}
+
+
+# ---------------------------------------------------------------------------- acceptance
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("digits_mlp", {"fc1.weight", "fc2.weight", "fc3.weight"}),
+        ("digits_cnn", {"res.0.weight", "pointwise.0.weight", "mix.0.weight", "fc.weight"}),
+    ],
+)
+def test_half_sparsity_is_exact_per_tensor_and_keeps_accuracy(name, expected):
+    result = optimize(name, "prune-initializers(sparsity=0.5)", budget=None)
+    step = result.steps[0]
+    assert step["status"] == "accepted", step["reason"]
+    assert set(eligible(step)) == expected
+    pruned = weights(result.model)
+    for tensor, stats in eligible(step).items():
+        values = pruned[tensor]
+        assert np.count_nonzero(values == 0) == round(0.5 * values.size), tensor
+        assert stats["sparsity_after"] == pytest.approx(0.5, abs=1 / values.size)
+        assert stats["zeroed"] == np.count_nonzero(values == 0)
+    assert step["counts"]["eligible_sparsity"] == 0.5
+    before, after = accuracy(model_path(name)), accuracy(result.model)
+    assert after >= before - 0.01, (before, after)
+    assert step["after"]["compressed"] < 0.75 * step["before"]["compressed"]
+
+
+def test_small_tensors_are_skipped_with_a_reason():
+    step = optimize("digits_cnn", "prune-initializers(sparsity=0.5)").steps[0]
+    skipped = {s["tensor"]: s["reason"] for s in step["details"]["skipped"]}
+    assert set(skipped) == {"stem.0.weight", "depthwise.0.weight"}
+    assert all("min_size=256" in reason for reason in skipped.values())
+
+
+def test_constant_node_weights_are_pruned_like_initializers():
+    result = optimize("digits_mlp_op11_constants", "prune-initializers(sparsity=0.5)")
+    pruned = weights(result.model)
+    assert {"fc1.weight", "fc2.weight", "fc3.weight"} <= set(pruned)
+    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
+        assert np.mean(pruned[name] == 0) == 0.5
+    biases = weights(onnxopt.optimize(model_path("digits_mlp"), "cleanup").model)
+    np.testing.assert_array_equal(pruned["fc1.bias"], biases["fc1.bias"])
+
+
+def _groups_along_reduction(op: str, values: np.ndarray) -> np.ndarray:
+    """Rows of weights that are summed together, cut into complete groups of 4."""
+    rows = {"Gemm": values, "MatMul": values.T}.get(op, values.reshape(len(values), -1))
+    usable = rows.shape[1] // 4 * 4
+    return rows[:, :usable].reshape(rows.shape[0], -1, 4)
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_transformer", "digits_cnn"])
+def test_two_four_pattern_leaves_two_zeros_in_every_group(name):
+    result = optimize(name, "prune-initializers(pattern=2:4)")
+    step = result.steps[0]
+    assert step["status"] == "accepted"
+    pruned = weights(result.model)
+    checked = 0
+    for tensor, stats in eligible(step).items():
+        groups = _groups_along_reduction(stats["op"], pruned[tensor])
+        assert np.all(np.sum(groups == 0, axis=-1) >= 2), tensor
+        checked += groups.shape[0] * groups.shape[1]
+    assert checked > 1000
+    again = optimize(result.model, "prune-initializers(pattern=2:4)").steps[0]
+    assert again["status"] == "no-op"
+
+
+def test_auto_sparsity_is_within_budget_and_five_points_more_is_not():
+    budget = "cosine>=0.99"
+    step = optimize("digits_mlp", "prune-initializers(sparsity=auto)", budget=budget).steps[0]
+    assert step["status"] == "accepted"
+    chosen = step["details"]["auto_sparsity"]
+    curve = step["details"]["auto_curve"]
+    assert 0.3 < chosen <= 0.94
+    assert 1 < len(curve) <= 12
+    assert step["worst_vs_original"]["cosine"] >= 0.99
+    assert step["counts"]["eligible_sparsity"] == pytest.approx(chosen, abs=1e-3)
+    point = next(p for p in curve if p["sparsity"] == chosen)
+    assert point["ok"] and point["cosine"] == pytest.approx(step["worst_vs_original"]["cosine"])
+    harder = optimize(
+        "digits_mlp", f"prune-initializers(sparsity={chosen + 0.05:.2f})", budget=budget
+    ).steps[0]
+    assert harder["status"] == "rolled back"
+    assert "cosine" in harder["reason"]
+
+
+def test_sparsity_zero_is_a_no_op_and_a_second_run_changes_nothing():
+    assert optimize("digits_mlp", "prune-initializers(sparsity=0)").steps[0]["status"] == "no-op"
+    twice = optimize(
+        "digits_mlp", "prune-initializers(sparsity=0.6),prune-initializers(sparsity=0.6)"
+    )
+    first, second = twice.steps
+    assert first["status"] == "accepted" and second["status"] == "no-op"
+    assert second["counts"]["weights_zeroed"] == 0
+    lower = optimize(twice.model, "prune-initializers(sparsity=0.4)").steps[0]
+    assert lower["status"] == "no-op"
+
+
+def test_sparse_storage_round_trips_with_identical_outputs_and_a_smaller_file(tmp_path):
+    dense = optimize("digits_mlp", "prune-initializers(sparsity=0.8)")
+    sparse = optimize("digits_mlp", "prune-initializers(sparsity=0.8,store=sparse)")
+    step = sparse.steps[0]
+    assert step["status"] == "accepted", step["reason"]
+    assert len(sparse.model.graph.sparse_initializer) == 3
+    assert {t["stored"] for t in step["details"]["tensors"]} == {"sparse"}
+    assert not structural_checks(sparse.model)[0].failures
+    feeds = _test_images()
+    for a, b in zip(run(dense.model, feeds), run(sparse.model, feeds)):
+        np.testing.assert_array_equal(a["logits"], b["logits"])
+    dense_file = dense.save(tmp_path / "dense.onnx").stat().st_size
+    sparse_file = sparse.save(tmp_path / "sparse.onnx").stat().st_size
+    assert sparse_file < 0.5 * dense_file
+    reloaded = onnx.load(str(tmp_path / "sparse.onnx"))
+    np.testing.assert_array_equal(
+        run(reloaded, feeds[:3])[0]["logits"], run(dense.model, feeds[:3])[0]["logits"]
+    )
+    # a later step imports the sparse initializers and keeps them
+    again = optimize(reloaded, "prune-initializers(sparsity=0.8,store=sparse)").steps[0]
+    assert again["status"] == "no-op"
+
+
+def test_sparse_storage_keeps_dense_when_that_is_smaller():
+    step = optimize("digits_mlp", "prune-initializers(sparsity=0.2,store=sparse)").steps[0]
+    assert {t["stored"] for t in step["details"]["tensors"]} == {"dense"}
+    assert step["counts"]["sparse_bytes_saved"] == 0
+
+
+# ---------------------------------------------------------------------------- masks
+
+
+def test_magnitude_only_zeroes_exactly_the_smallest_and_keeps_the_rest():
+    original = weights(onnxopt.optimize(model_path("digits_mlp"), "cleanup").model)
+    result = optimize("digits_mlp", "prune-initializers(sparsity=0.3,reconstruct=false)")
+    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
+        before, after = original[name], weights(result.model)[name]
+        k = round(0.3 * before.size)
+        smallest = np.argsort(np.abs(before).ravel(), kind="stable")[:k]
+        expected = before.ravel().copy()
+        expected[smallest] = 0
+        np.testing.assert_array_equal(after.ravel(), expected)
+
+
+def test_refit_keeps_the_magnitude_mask_and_tracks_the_original_better():
+    plain = optimize("digits_mlp", "prune-initializers(sparsity=0.8,reconstruct=false)")
+    refit = optimize("digits_mlp", "prune-initializers(sparsity=0.8)")
+    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
+        np.testing.assert_array_equal(
+            weights(plain.model)[name] == 0, weights(refit.model)[name] == 0
+        )
+    cosine = [r.steps[0]["worst_vs_original"]["cosine"] for r in (plain, refit)]
+    assert cosine[1] > cosine[0] + 0.01, cosine
+    assert accuracy(refit.model) > accuracy(plain.model) + 0.1
+
+
+def test_global_scope_hits_the_overall_target_without_emptying_one_layer():
+    step = optimize("digits_mlp", "prune-initializers(sparsity=0.6,scope=global)").steps[0]
+    stats = eligible(step)
+    total = sum(s["size"] for s in stats.values())
+    zeros = sum(s["sparsity_after"] * s["size"] for s in stats.values())
+    assert zeros == pytest.approx(round(0.6 * total), abs=1)
+    for s in stats.values():
+        assert 0.2 < s["sparsity_after"] < 0.95
+
+
+def _two_layer_model(scale_big: float, scale_small: float, shared: bool = False) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((64, 64)) * scale_big).astype(np.float32)
+    w2 = (rng.standard_normal((64, 64 if shared else 8)) * scale_small).astype(np.float32)
+    second = "W1" if shared else "W2"
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", second], ["y"], name="mm2"),
+    ]
+    inits = [numpy_helper.from_array(w1, "W1")]
+    if not shared:
+        inits.append(numpy_helper.from_array(w2, "W2"))
+    out_dim = 64 if shared else 8
+    graph = helper.make_graph(
+        nodes,
+        "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out_dim])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_global_scope_normalises_per_tensor():
+    model = _two_layer_model(scale_big=0.01, scale_small=1.0)
+    step = optimize(model, "prune-initializers(sparsity=0.5,scope=global,min_size=0)").steps[0]
+    for s in eligible(step).values():
+        assert 0.3 < s["sparsity_after"] < 0.7, s
+
+
+def test_shared_weight_is_pruned_once():
+    model = _two_layer_model(1.0, 1.0, shared=True)
+    result = optimize(model, "prune-initializers(sparsity=0.5,min_size=0)")
+    step = result.steps[0]
+    assert list(eligible(step)) == ["W1"]
+    assert step["counts"]["weights_zeroed"] == 64 * 64 // 2
+    assert [n.input[1] for n in result.model.graph.node if n.op_type == "MatMul"] == ["W1", "W1"]
+    assert any("no refit" in note for note in step["notes"])
+
+
+def test_weight_that_also_feeds_another_input_is_skipped():
+    model = _two_layer_model(1.0, 1.0)
+    model.graph.node.append(helper.make_node("Add", ["y", "W2"], ["z"], name="add"))
+    model.graph.output[0].name = "z"
+    step = optimize(model, "prune-initializers(sparsity=0.5,min_size=0)").steps[0]
+    assert list(eligible(step)) == ["W1"]
+    (skipped,) = step["details"]["skipped"]
+    assert skipped["tensor"] == "W2" and "Add 'add' input 1" in skipped["reason"]
+
+
+def test_ties_are_broken_by_position_deterministically():
+    model = _two_layer_model(1.0, 1.0)
+    signs = np.sign(numpy_helper.to_array(model.graph.initializer[0]))
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(signs.astype(np.float32), "W1"))
+    text = "prune-initializers(sparsity=0.25,reconstruct=false,min_size=0)"
+    first, second = (weights(optimize(model, text).model)["W1"] for _ in range(2))
+    np.testing.assert_array_equal(first, second)
+    assert np.all(first.ravel()[: 64 * 16] == 0) and np.all(first.ravel()[64 * 16 :] != 0)
+
+
+def test_threshold_zeroes_every_smaller_magnitude():
+    original = weights(onnxopt.optimize(model_path("digits_mlp"), "cleanup").model)
+    result = optimize("digits_mlp", "prune-initializers(threshold=0.05,reconstruct=false)")
+    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
+        after = weights(result.model)[name]
+        np.testing.assert_array_equal(after == 0, np.abs(original[name]) < 0.05)
+
+
+def test_ops_exclude_and_min_size_limit_what_is_touched():
+    original = weights(onnxopt.optimize(model_path("digits_cnn"), "cleanup").model)
+    only_gemm = weights(optimize("digits_cnn", "prune-initializers(ops=[Gemm])").model)
+    assert np.mean(only_gemm["fc.weight"] == 0) == 0.5
+    for name in ("res.0.weight", "mix.0.weight", "pointwise.0.weight"):
+        np.testing.assert_array_equal(only_gemm[name], original[name])
+    step = optimize("digits_mlp", 'prune-initializers(exclude="/fc2/*")').steps[0]
+    assert set(eligible(step)) == {"fc1.weight", "fc3.weight"}
+    step = optimize("digits_mlp", "prune-initializers(exclude=[fc2.weight],min_size=1000)").steps[0]
+    assert set(eligible(step)) == {"fc1.weight"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "prune-initializers(sparsity=1.5)",
+        "prune-initializers(sparsity=0.5,threshold=0.1)",
+        "prune-initializers(sparsity=auto,pattern=2:4)",
+        "prune-initializers(pattern=4:4)",
+        "prune-initializers(pattern=half)",
+        "prune-initializers(ops=[Relu])",
+        "prune-initializers(scope=row)",
+        "prune-initializers(store=coo)",
+        "prune-initializers(threshold=-1)",
+        "clip-weights(percentile=99,sigma=3)",
+        "clip-weights(percentile=10)",
+        "clip-weights(granularity=block)",
+    ],
+)
+def test_bad_options_are_usage_errors_naming_the_pass(text):
+    with pytest.raises(UsageError, match=text.split("(")[0]):
+        optimize("digits_mlp", text)
+
+
+def test_structural_checks_accept_sparse_initializers():
+    values = helper.make_tensor("W", TensorProto.FLOAT, [2], [1.0, 2.0])
+    indices = helper.make_tensor("", TensorProto.INT64, [2], [0, 3])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        sparse_initializer=[helper.make_sparse_tensor(values, indices, [2, 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    report, inferred = structural_checks(model)
+    assert not report.failures
+    assert inferred.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 2
+    out = run(model, [{"x": np.array([[1.0, 1.0]], np.float32)}])[0]["y"]
+    np.testing.assert_array_equal(out, [[1.0, 2.0]])
+
+
+# ---------------------------------------------------------------------------- clipping
+
+
+def test_clip_percentile_per_tensor_is_reported_and_idempotent():
+    original = weights(onnxopt.optimize(model_path("digits_mlp"), "cleanup").model)
+    result = optimize("digits_mlp", "clip-weights(percentile=99)")
+    step = result.steps[0]
+    assert step["status"] == "accepted"
+    for stats in step["details"]["tensors"]:
+        before, after = original[stats["tensor"]], weights(result.model)[stats["tensor"]]
+        c = np.percentile(np.abs(before), 99, method="higher")
+        assert stats["c_max"] == pytest.approx(c)
+        assert np.abs(after).max() == pytest.approx(c)
+        assert stats["clipped"] == np.count_nonzero(np.abs(before) > c)
+        assert 0 < stats["fraction"] <= 0.01 + 1 / before.size
+        assert stats["range_after"] == pytest.approx([after.min(), after.max()])
+        inside = np.abs(before) <= c
+        np.testing.assert_array_equal(after[inside], before[inside])
+    assert optimize(result.model, "clip-weights(percentile=99)").steps[0]["status"] == "no-op"
+
+
+def test_clip_sigma_per_channel_bounds_every_output_channel():
+    original = weights(onnxopt.optimize(model_path("digits_mlp"), "cleanup").model)
+    result = optimize("digits_mlp", "clip-weights(sigma=2,granularity=channel)")
+    assert result.steps[0]["counts"]["values_clipped"] > 0
+    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
+        before, after = original[name], weights(result.model)[name]  # Gemm transB=1: rows
+        limits = 2 * before.astype(np.float64).std(axis=1, keepdims=True)
+        np.testing.assert_allclose(after, np.clip(before, -limits, limits), rtol=1e-6)
+    assert weights(result.model)["fc1.bias"].tolist() == original["fc1.bias"].tolist()
