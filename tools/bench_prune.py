@@ -25,7 +25,7 @@ import onnx
 import onnxopt.passes.prune  # registers prune-initializers
 
 import onnxopt
-from onnxopt.check import densify_sparse_initializers
+from onnxopt.model import densify_sparse_initializers
 from onnxopt.model import compressed_size
 from onnxopt.runtime import make_session
 
