@@ -36,6 +36,9 @@ are constant):
   the constant-only nodes that feed them;
 - QuantizeLinear / DequantizeLinear / DynamicQuantizeLinear (kept so quantized
   patterns stay recognisable; graphsurgeon's rule, not reported);
+- nodes reading an (u)int4 / (u)int8 constant: such constants are compressed weights
+  (``share-weights`` codebook indices, quantized weights); folding their ``Cast`` /
+  ``Gather`` would store them back as floats and undo the compression;
 - nodes with subgraphs when folding falls back to node by node, and the bodies of
   If/Loop/Scan (graphsurgeon does not apply the exclusions above inside them) and
   of model-local functions. An ``If`` with a constant condition is inlined.
@@ -320,10 +323,29 @@ def _excluded(node: gs.Node, report: FoldReport) -> bool:
         reason = "Dropout in training mode has a random output"
     elif node.op in NON_TENSOR_OPS:
         reason = "produces a sequence or optional, not a tensor"
+    elif any(_is_low_bit_constant(t) for t in node.inputs):
+        reason = "reads low-bit stored weights (codebook indices, quantized): folding inflates them"
     if reason is None:
         return False
     report.skip(node, reason)
     return True
+
+
+LOW_BIT_DTYPES = frozenset(
+    {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+)
+
+
+def _is_low_bit_constant(tensor: gs.Tensor) -> bool:
+    if not isinstance(tensor, gs.Constant):
+        return False
+    dtype = tensor.export_dtype
+    if isinstance(dtype, int):
+        return dtype in LOW_BIT_DTYPES
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)) in LOW_BIT_DTYPES
+    except (TypeError, KeyError, ValueError):
+        return False
 
 
 def _dropout_may_train(node: gs.Node) -> bool:

@@ -8,7 +8,7 @@ import onnx.parser
 import onnx_graphsurgeon as gs
 import pytest
 from conftest import MODELS, digits, run
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
 from onnxopt.check import assert_equivalent
@@ -502,3 +502,26 @@ def test_lossless_pipeline_through_the_manager() -> None:
     assert ops(result.model) == ["Mul", "Conv", "Conv"]
     samples = feeds(model)
     assert_equivalent(run(model, samples), run(result.model, samples))
+
+
+def test_fold_constants_keeps_low_bit_weights_compressed():
+    """Cast(uint8 indices) -> Gather(codebook) is a compressed weight: never inflated."""
+    indices = np.arange(64, dtype=np.uint8).reshape(8, 8) % 4
+    codebook = np.array([-1.0, 0.0, 0.5, 2.0], np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["idx"], ["idx32"], to=TensorProto.INT32),
+            helper.make_node("Gather", ["codebook", "idx32"], ["w"]),
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(indices, "idx"), numpy_helper.from_array(codebook, "codebook")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = onnxopt.optimize(model, "fold-constants")
+    step = result.steps[0]
+    assert step["status"] == "no-op"
+    assert any("low-bit" in v["reason"] for v in step["details"]["not_folded"])
+    assert [n.op_type for n in result.model.graph.node] == ["Cast", "Gather", "MatMul"]
