@@ -40,7 +40,7 @@ from onnxopt.check import (
     worst,
 )
 from onnxopt.data import Feed
-from onnxopt.errors import CheckFailed, UsageError
+from onnxopt.errors import CheckFailed, OnnxoptError, UsageError
 from onnxopt.model import compressed_size, proto_nbytes
 from onnxopt.progress import SILENT, Progress
 
@@ -453,7 +453,7 @@ def matches_any(name: str, patterns: Iterable[str]) -> bool:
 # ---------------------------------------------------------------------------- manager
 
 
-COMPRESS_LIMIT = 256 * 2**20  # deflating bigger models costs more than it tells
+COMPRESS_LIMIT = 64 * 2**20  # deflating bigger models costs more than it tells
 
 
 @dataclass
@@ -548,37 +548,38 @@ class PassManager:
         for check, message in baseline.failures.items():
             log.warning("original model fails %s: %s (not held against the steps)", check, message)
         session = runtime.make_session(model)
-        reference = runtime.run_samples(session, validation)
+        reference = runtime.run_samples(
+            session, self.progress(validation, desc="reference outputs", total=len(validation))
+        )
         del session
-        original_stats = ModelStats.of(model)
-        accepted, previous = model, reference
+        state = _RunState(
+            original=model,
+            calibration=calibration,
+            validation=validation,
+            reference=reference,
+            tolerated=dict(baseline.failures),
+            accepted=model,
+            accepted_stats=ModelStats.of(model),
+            previous=reference,
+        )
         records: list[StepRecord] = []
         aborted = False
         for index, step in enumerate(self.pipeline.steps, 1):
-            record, candidate, outputs = self._run_step(
-                index,
-                step,
-                accepted,
-                model,
-                calibration,
-                validation,
-                reference,
-                previous,
-                baseline.failures,
-            )
+            record, candidate, outputs = self._run_step(index, step, state)
             records.append(record)
             log.info("step %d %s: %s %s", index, step, record.status, record.reason)
             if record.status == "accepted":
-                accepted, previous = candidate, outputs
+                state.accepted, state.previous = candidate, outputs
+                state.accepted_stats = record.after
             elif record.status == "rolled back" and self.on_fail == "abort":
                 aborted = True
                 break
         outcome = RunOutcome(
-            model=accepted,
+            model=state.accepted,
             steps=records,
-            baseline_failures=dict(baseline.failures),
-            original=original_stats,
-            final=ModelStats.of(accepted),
+            baseline_failures=state.tolerated,
+            original=records[0].before if records else state.accepted_stats,
+            final=state.accepted_stats,
             pipeline=str(self.pipeline),
             data_source=data_source,
             seconds=time.perf_counter() - start,
@@ -591,36 +592,26 @@ class PassManager:
             )
         return outcome
 
-    def _run_step(
-        self,
-        index,
-        step,
-        accepted,
-        original,
-        calibration,
-        validation,
-        reference,
-        previous,
-        tolerated,
-    ):
+    def _run_step(self, index: int, step: Step, state: _RunState):
         budget = self.budget_for(step)
         record = StepRecord(index, str(step), "accepted", step.pass_cls.lossless, str(budget))
-        record.before = ModelStats.of(accepted)
+        record.before = state.accepted_stats
         started = time.perf_counter()
-        target = previous if step.pass_cls.lossless else reference
+        accepted = state.accepted
+        target = state.previous if step.pass_cls.lossless else state.reference
 
         def evaluate(graph: gs.Graph) -> Evaluation:
             candidate = graph_utils.to_model(graph_utils.copy_graph(graph), accepted)
-            outputs = runtime.run_samples(runtime.make_session(candidate), validation)
+            outputs = runtime.run_samples(runtime.make_session(candidate), state.validation)
             metrics = compare_outputs(target, outputs, budget.tolerance)
             return Evaluation(metrics, budget.violations(metrics))
 
         ctx = PassContext(
-            calibration=calibration,
+            calibration=state.calibration,
             rng=np.random.default_rng(self.seed + index),
             seed=self.seed,
             template=accepted,
-            original=original,
+            original=state.original,
             budget=budget,
             progress=self.progress,
             evaluator=evaluate,
@@ -634,9 +625,14 @@ class PassManager:
                 record.status, record.after = "no-op", record.before
                 return record, None, None
             candidate = graph_utils.to_model(graph, accepted)
-            candidate, outputs, problems = self._validate(
-                candidate, validation, tolerated, record, reference, previous, budget
-            )
+            outputs, problems = self._validate(candidate, state, record, budget)
+        except OnnxoptError as exc:
+            # the user's input cannot work with this pass (e.g. no calibration data):
+            # that is a usage error for the whole run, not a pass bug to roll back
+            message = str(exc)
+            if not message.startswith(step.name):
+                message = f"{step.name}: {message}"
+            raise type(exc)(message) from exc
         except Exception as exc:  # a pass bug must not take the run down: roll back
             log.debug("step %s raised", step, exc_info=True)
             problems = [f"pass raised {type(exc).__name__}: {exc}".splitlines()[0][:300]]
@@ -666,30 +662,42 @@ class PassManager:
                 total = total.merge(result)
         return total
 
-    def _validate(self, candidate, validation, tolerated, record, reference, previous, budget):
+    def _validate(self, candidate, state: _RunState, record: StepRecord, budget: Budget):
+        """Structural checks, session build, numeric comparison -> (outputs, problems)."""
         report, _ = structural_checks(candidate)
         problems = [
-            f"{check}: {msg}" for check, msg in report.failures.items() if check not in tolerated
+            f"{check}: {msg}"
+            for check, msg in report.failures.items()
+            if check not in state.tolerated
         ]
         if problems:
-            return candidate, None, problems
+            return None, problems
         try:
             session = runtime.make_session(candidate)
         except Exception as exc:
-            return (
-                candidate,
-                None,
-                [f"onnxruntime cannot load the result: {str(exc).splitlines()[0][:300]}"],
-            )
+            return None, [f"onnxruntime cannot load the result: {str(exc).splitlines()[0][:300]}"]
+        samples = state.validation
         outputs = runtime.run_samples(
-            session,
-            self.progress(validation, desc=f"checking {record.step}", total=len(validation)),
+            session, self.progress(samples, desc=f"checking {record.step}", total=len(samples))
         )
-        tolerance = budget.tolerance
-        record.vs_original = compare_outputs(reference, outputs, tolerance)
-        record.vs_previous = compare_outputs(previous, outputs, tolerance)
+        record.vs_original = compare_outputs(state.reference, outputs, budget.tolerance)
+        record.vs_previous = compare_outputs(state.previous, outputs, budget.tolerance)
         gated = record.vs_previous if record.lossless else record.vs_original
-        return candidate, outputs, budget.violations(gated)
+        return outputs, budget.violations(gated)
+
+
+@dataclass
+class _RunState:
+    """What the steps of one run share: the original, the data, the last accepted model."""
+
+    original: onnx.ModelProto
+    calibration: list[Feed]
+    validation: list[Feed]
+    reference: list[dict[str, np.ndarray]]
+    tolerated: dict[str, str]
+    accepted: onnx.ModelProto
+    accepted_stats: ModelStats
+    previous: list[dict[str, np.ndarray]]
 
 
 # ---------------------------------------------------------------------------- TOML files

@@ -91,7 +91,22 @@ class CountdownPass(Pass):
         return PassResult(changed=True, counts={"rounds": 1})
 
 
-TEST_PASSES = (NoisePass, InPlaceThenRaisePass, InvalidGraphPass, TinyLosslessDrift, CountdownPass)
+class NeedsDataPass(Pass):
+    name = "test-needs-data"
+    summary = "raises a usage error like a pass missing calibration data"
+
+    def run(self, graph, ctx):
+        raise onnxopt.UsageError("needs calibration samples; pass --data")
+
+
+TEST_PASSES = (
+    NoisePass,
+    InPlaceThenRaisePass,
+    InvalidGraphPass,
+    TinyLosslessDrift,
+    CountdownPass,
+    NeedsDataPass,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -206,3 +221,8 @@ def test_same_seed_same_bytes():
     c = onnxopt.optimize(MLP, "test-noise(scale=0.01)", seed=4).model.SerializeToString()
     assert a == b
     assert a != c
+
+
+def test_user_error_inside_a_pass_stops_the_run():
+    with pytest.raises(onnxopt.UsageError, match="test-needs-data: needs calibration samples"):
+        onnxopt.optimize(MLP, "test-noise(scale=0.001),test-needs-data")
