@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxopt.passes.prune  # registers prune-initializers and clip-weights
 import pytest
 from conftest import MODELS, accuracy, digits, model_path, run
 from onnx import TensorProto, helper, numpy_helper
-from onnxopt.passes.prune import sparse_to_dense
 
 import onnxopt
+import onnxopt.passes.prune  # registers prune-initializers and clip-weights
 from onnxopt.check import structural_checks
 from onnxopt.errors import UsageError
+from onnxopt.passes.prune import sparse_to_dense
 
 DATA = str(MODELS / "digits_train.npz")
 

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxopt.passes.prune  # registers prune-initializers
 
 import onnxopt
-from onnxopt.model import densify_sparse_initializers
-from onnxopt.model import compressed_size
+import onnxopt.passes.prune  # registers prune-initializers
+from onnxopt.model import compressed_size, densify_sparse_initializers
 from onnxopt.runtime import make_session
 
 ROOT = Path(__file__).resolve().parent.parent
