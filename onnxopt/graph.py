@@ -225,7 +225,8 @@ def param_count(graph: gs.Graph) -> int:
     """Elements in constant tensors, excluding int64 tensors (shapes, axes, indices)."""
     total = 0
     for tensor in constants(graph):
-        if tensor.export_dtype == np.int64 or tensor.values.dtype == np.int64:
+        # shape/dtype come from the lazily loaded proto: counting never loads weights
+        if tensor.export_dtype in (np.int64, onnx.TensorProto.INT64) or tensor.dtype == np.int64:
             continue
         total += int(np.prod(tensor.shape, dtype=np.int64))
     return total

@@ -266,23 +266,71 @@ def save_model(
     with tempfile.TemporaryDirectory(prefix=".onnxopt-", dir=target.parent) as tmp:
         tmp_model = Path(tmp) / target.name
         if external_data:
-            proto = onnx.ModelProto()
-            proto.CopyFrom(model)
-            onnx.save_model(
-                proto,
-                str(tmp_model),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-            data_file = Path(tmp) / data_name
-            if data_file.exists():
-                os.replace(data_file, target.with_name(data_name))
+            write_external(model, tmp_model, data_name)
+            os.replace(Path(tmp) / data_name, target.with_name(data_name))
         else:
             tmp_model.write_bytes(serialize(model))
         os.replace(tmp_model, target)
     return target
+
+
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the .onnx file
+
+
+def write_external(model: onnx.ModelProto, path: Path, data_name: str) -> None:
+    """Write ``model`` to ``path`` with its main-graph initializers in ``data_name``.
+
+    The model is never modified or copied whole: tensor bytes are streamed to the
+    data file one tensor at a time, and the .onnx file is serialized from a light
+    proto that shares nothing big. (``onnx.save_model(save_as_external_data=True)``
+    converts the model in place, so it needs a full copy first — twice the memory.)
+    """
+    light = onnx.ModelProto()
+    for field_name in (
+        "ir_version",
+        "producer_name",
+        "producer_version",
+        "domain",
+        "model_version",
+        "doc_string",
+    ):
+        setattr(light, field_name, getattr(model, field_name))
+    light.opset_import.extend(model.opset_import)
+    light.metadata_props.extend(model.metadata_props)
+    light.functions.extend(model.functions)
+    graph, source = light.graph, model.graph
+    graph.name, graph.doc_string = source.name, source.doc_string
+    for name in (
+        "node",
+        "input",
+        "output",
+        "value_info",
+        "sparse_initializer",
+        "quantization_annotation",
+    ):
+        getattr(graph, name).extend(getattr(source, name))
+    with open(path.with_name(data_name), "wb") as data:
+        for tensor in source.initializer:
+            if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
+                graph.initializer.append(tensor)
+                continue
+            stub = graph.initializer.add()
+            stub.name, stub.data_type, stub.doc_string = (
+                tensor.name,
+                tensor.data_type,
+                tensor.doc_string,
+            )
+            stub.dims.extend(tensor.dims)
+            raw = tensor.raw_data
+            offset = data.tell()
+            data.write(raw)
+            data.write(b"\0" * (-len(raw) % 4096))  # page-aligned offsets (mmap-friendly)
+            stub.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", offset), ("length", len(raw))):
+                entry = stub.external_data.add()
+                entry.key, entry.value = key, str(value)
+            del raw
+    path.write_bytes(light.SerializeToString())
 
 
 def serialize(model: onnx.ModelProto) -> bytes:
@@ -295,12 +343,24 @@ def serialize(model: onnx.ModelProto) -> bytes:
         ) from exc
 
 
+EXACT_SIZE_LIMIT = 256 * 2**20
+
+
 def proto_nbytes(model: onnx.ModelProto) -> int:
-    """Size of the model's protobuf; falls back to a sum of tensor bytes above 2 GB."""
-    try:
-        return model.ByteSize()
-    except Exception:
-        return sum(tensor_nbytes(t) for t in iter_tensors(model))
+    """Size of the model's protobuf.
+
+    Exact below ~256 MB of tensor data. Above, protobuf's ``ByteSize`` serializes the
+    whole message (a transient copy of the model), so the size is the tensors' bytes
+    from their dims plus the exact size of everything else.
+    """
+    tensor_bytes = sum(tensor_nbytes(t) for t in model.graph.initializer)
+    if tensor_bytes <= EXACT_SIZE_LIMIT:
+        try:
+            return model.ByteSize()
+        except Exception:
+            pass
+    rest = sum(n.ByteSize() for n in model.graph.node)
+    return tensor_bytes + rest + 64 * len(model.graph.initializer)
 
 
 def compressed_size(model: onnx.ModelProto, level: int = 6) -> int:
