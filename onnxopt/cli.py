@@ -16,6 +16,7 @@ import numpy as np
 
 from onnxopt import __version__
 from onnxopt.errors import CheckFailed, OnnxoptError, UsageError
+from onnxopt.train.cli import add_subcommands as add_train_subcommands
 
 log = logging.getLogger("onnxopt")
 
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5, help="runs per round (default 5)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_bench)
+    add_train_subcommands(sub, [common])  # train-env, distill (onnxopt/train/cli.py)
     return parser
 
 

@@ -15,4 +15,5 @@ from onnxopt.passes import dedupe_initializers  # noqa: F401
 from onnxopt.passes import prune  # noqa: F401
 from onnxopt.passes import codebook  # noqa: F401
 from onnxopt.passes import neurons  # noqa: F401
+from onnxopt.passes import distill  # noqa: F401
 # isort: on
