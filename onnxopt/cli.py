@@ -5,9 +5,11 @@ budget), 2 bad input or usage, 130 interrupted. No traceback unless ``-v``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxopt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `onnxopt passes | head -1`: the reader left, nothing to say
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 0
     except Exception as exc:  # an internal bug: one line unless -v
         if args.verbose:
             raise
@@ -251,9 +257,9 @@ def cmd_inspect(args) -> int:
 
 def cmd_compare(args) -> int:
     from onnxopt.check import Budget, compare_outputs, worst
-    from onnxopt.data import prepare_samples
+    from onnxopt.data import input_specs, prepare_samples
     from onnxopt.model import load_model
-    from onnxopt.runtime import make_session, run_samples
+    from onnxopt.pipeline import original_outputs
 
     budget = Budget.parse(args.budget) if args.budget else None
     reference, candidate = load_model(args.reference), load_model(args.candidate)
@@ -265,15 +271,20 @@ def cmd_compare(args) -> int:
         calibration_samples=0,
         validation_samples=args.samples,
     ).validation
+    ref_inputs = {s.name for s in input_specs(reference.proto)}
+    extra = {s.name for s in input_specs(candidate.proto)} - ref_inputs
+    if extra:
+        raise UsageError(
+            f"{args.candidate} needs input(s) {', '.join(sorted(extra))} that "
+            f"{args.reference} does not have; the models must take the same inputs"
+        )
     outs = []
     for loaded in (reference, candidate):
+        where = loaded.path or "model"
         try:
-            session = make_session(loaded.proto)
-        except Exception as exc:
-            raise UsageError(
-                f"onnxruntime cannot load {loaded.path}: {str(exc).splitlines()[0]}"
-            ) from None
-        outs.append(run_samples(session, samples))
+            outs.append(original_outputs(loaded.proto, samples))
+        except OnnxoptError as exc:
+            raise type(exc)(f"{where}: {exc}") from None
     ref_names, cand_names = set(outs[0][0]), set(outs[1][0])
     if ref_names != cand_names:
         raise UsageError(

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
 DEFAULT_INT_RANGE = (0, 8)
+MAX_GENERATED_BYTES = 1 << 30  # per input and sample: beyond that, ask for real data
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,13 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             raise DataError(
                 f"input {value.name!r} is not a tensor; only tensor inputs are supported"
             )
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        except (KeyError, ValueError, TypeError):
+            raise DataError(
+                f"input {value.name!r} has an undefined or unsupported element type "
+                f"({tensor_type.elem_type})"
+            ) from None
         dims: list[int | str | None] = []
         for dim in tensor_type.shape.dim:
             if dim.HasField("dim_value") and dim.dim_value > 0:
@@ -289,6 +296,13 @@ def generate_samples(
     int_ranges: Mapping[str, tuple[int, int]] | None = None,
 ) -> list[Feed]:
     int_ranges = int_ranges or {}
+    for spec in specs:
+        elements = int(np.prod(shapes[spec.name], dtype=np.float64))
+        if elements * spec.dtype.itemsize > MAX_GENERATED_BYTES:
+            raise DataError(
+                f"input {spec.describe()} would need {elements:,} elements per sample "
+                f"({shapes[spec.name]}); pass --data, or a smaller --shape"
+            )
     samples = []
     for _ in range(count):
         feed = {}
@@ -300,7 +314,8 @@ def generate_samples(
                 low, high = int_ranges.get(spec.name, DEFAULT_INT_RANGE)
                 feed[spec.name] = rng.integers(low, high, size=shape).astype(spec.dtype)
             elif np.issubdtype(spec.dtype, np.floating):
-                feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+                dtype = spec.dtype if spec.dtype in (np.float32, np.float64) else np.float32
+                feed[spec.name] = rng.standard_normal(shape, dtype=dtype).astype(spec.dtype)
             else:
                 raise DataError(f"cannot generate data for input {spec.describe()}; pass --data")
         samples.append(feed)

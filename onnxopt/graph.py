@@ -54,9 +54,6 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
-_DEFAULTS_ATTR = "_onnxopt_input_defaults"
-
-
 class _SparseValues(SparseValues):
     """graphsurgeon's SparseValues loads as float64 and misreads ``raw_data``; decode
     in the stored dtype. Still a SparseValues, so an untouched tensor exports sparse."""
@@ -73,39 +70,51 @@ def _keep_sparse_dtypes(graph: gs.Graph) -> None:
 
 def _keep_overridable_inputs(graph: gs.Graph, model: onnx.ModelProto) -> None:
     initializers = {t.name: t for t in model.graph.initializer}
-    overridable = [v for v in model.graph.input if v.name in initializers]
-    if not overridable:
+    if not any(v.name in initializers for v in model.graph.input):
         return
-    tensors = graph.tensors()
-    defaults = {}
+    existing = {t.name: t for t in graph.inputs}
     inputs = []
     for value in model.graph.input:
         if value.name not in initializers:
-            inputs.append(tensors[value.name])
+            inputs.append(existing[value.name])
             continue
-        const = tensors[value.name]
-        variable = gs.Variable(value.name, dtype=const.dtype, shape=list(const.shape))
-        for consumer in list(const.outputs):
-            for i, tensor in enumerate(consumer.inputs):
-                if tensor is const:
-                    consumer.inputs[i] = variable
-        defaults[value.name] = initializers[value.name]
+        init = initializers[value.name]
+        variable = gs.Variable(
+            value.name,
+            dtype=onnx.helper.tensor_dtype_to_np_dtype(init.data_type),
+            shape=list(init.dims),
+        )
+        # the constant may be read in the main graph, only in subgraph bodies, or nowhere
+        for node in iter_nodes(graph):
+            for i, tensor in enumerate(node.inputs):
+                if isinstance(tensor, gs.Constant) and tensor.name == value.name:
+                    node.inputs[i] = variable
         inputs.append(variable)
     graph.inputs = inputs
-    setattr(graph, _DEFAULTS_ATTR, defaults)
+
+
+def iter_nodes(graph: gs.Graph):
+    """Nodes of ``graph`` and, recursively, of its If/Loop/Scan bodies."""
+    for node in graph.nodes:
+        yield node
+        for value in node.attrs.values():
+            subgraphs = value if isinstance(value, list) else [value]
+            for sub in subgraphs:
+                if isinstance(sub, gs.Graph):
+                    yield from iter_nodes(sub)
 
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Export ``graph``; copy the model-level fields graphsurgeon does not carry."""
+    """Export ``graph``; restore what graphsurgeon does not carry: model-level fields,
+    default values of overridable inputs (taken from ``template``, the model the graph
+    was imported from), and outer-scope weights it copies into subgraph bodies."""
     if (graph.ir_version or template.ir_version) < 4:
         # IR 3 requires every initializer to be listed as a graph input; lifting
         # Constant nodes would break that. IR 4 drops the rule and runs everywhere.
         graph.ir_version = 4
     model = gs.export_onnx(graph, do_type_check=False)
-    input_names = {i.name for i in model.graph.input}
-    for name, default in graph.__dict__.get(_DEFAULTS_ATTR, {}).items():
-        if name in input_names:
-            model.graph.initializer.append(default)
+    _restore_input_defaults(model, template)
+    _hoist_outer_initializers(model, template)
     model.doc_string = template.doc_string
     model.domain = template.domain
     model.model_version = template.model_version
@@ -117,15 +126,49 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def copy_graph(graph: gs.Graph) -> gs.Graph:
-    """``graph.copy()`` that keeps onnxopt's per-graph data (input defaults).
+def _restore_input_defaults(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    if template.ir_version < 4:
+        return
+    defaults = {t.name: t for t in template.graph.initializer}
+    present = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in defaults and value.name not in present:
+            model.graph.initializer.append(defaults[value.name])
 
-    Like graphsurgeon's copy, weight arrays are shared: never write into them.
-    """
-    clone = graph.copy()
-    if _DEFAULTS_ATTR in graph.__dict__:
-        setattr(clone, _DEFAULTS_ATTR, dict(graph.__dict__[_DEFAULTS_ATTR]))
-    return clone
+
+def _hoist_outer_initializers(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """graphsurgeon exports an outer-scope constant read inside an If/Loop/Scan body as
+    an initializer *of each body* (stored twice for an If). Constants that were
+    main-graph initializers in ``template`` go back to the main graph; initializers a
+    body declared itself stay in the body."""
+    outer = {t.name for t in template.graph.initializer}
+    main = model.graph
+    present = {t.name for t in main.initializer}
+    for node in main.node:
+        for attr in node.attribute:
+            for body in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                _hoist_from(body, main, outer, present)
+
+
+def _hoist_from(body: onnx.GraphProto, main: onnx.GraphProto, outer: set[str], present: set[str]):
+    keep = [t for t in body.initializer if t.name not in outer]
+    for init in body.initializer:
+        if init.name in outer and init.name not in present:
+            main.initializer.append(init)
+            present.add(init.name)
+    if len(keep) != len(body.initializer):
+        del body.initializer[:]
+        body.initializer.extend(keep)
+    for node in body.node:  # nested bodies
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                _hoist_from(sub, main, outer, present)
+
+
+def copy_graph(graph: gs.Graph) -> gs.Graph:
+    """``graph.copy()``; weight arrays are shared with the original: never write into them.
+    (Input defaults need no care: ``to_model`` restores them from its template.)"""
+    return graph.copy()
 
 
 def lift_constant_nodes(graph: gs.Graph) -> int:

@@ -61,6 +61,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | LoadedModel) -> Loa
         return source
     if isinstance(source, onnx.ModelProto):
         _check_model_header(source, "<in-memory model>")
+        validate_tensors(source, "<in-memory model>")
         if any(_is_external(t) for t in iter_tensors(source)):
             raise ModelError(
                 "in-memory model refers to external data but has no folder to read it from; "
@@ -77,6 +78,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | LoadedModel) -> Loa
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError...
         raise ModelError(f"{path}: not a readable ONNX model ({_one_line(exc)})") from exc
     _check_model_header(proto, str(path))
+    validate_tensors(proto, str(path))
     external = validate_external_data(proto, path.parent, where=str(path))
     if external:
         try:
@@ -125,6 +127,99 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[TensorProto]:
             yield from _graph_tensors(attr.g)
         for sub in attr.graphs:
             yield from _graph_tensors(sub)
+
+
+# TensorProto field holding each data type's values, and values per element.
+_TYPED_FIELDS = {
+    TensorProto.FLOAT: ("float_data", 1),
+    TensorProto.COMPLEX64: ("float_data", 2),
+    TensorProto.DOUBLE: ("double_data", 1),
+    TensorProto.COMPLEX128: ("double_data", 2),
+    TensorProto.INT64: ("int64_data", 1),
+    TensorProto.UINT32: ("uint64_data", 1),
+    TensorProto.UINT64: ("uint64_data", 1),
+    TensorProto.STRING: ("string_data", 1),
+}
+_VALID_DATA_TYPES = {v for k, v in TensorProto.DataType.items() if k != "UNDEFINED"}
+
+
+def validate_tensors(model: onnx.ModelProto, where: str) -> None:
+    """Refuse tensors whose data cannot be what their dims and data type declare.
+
+    Checked before any pass or onnxruntime touches the model, so a lying tensor is a
+    clear :class:`ModelError`, not a crash deep inside numpy or graphsurgeon.
+    """
+    try:
+        for tensor in iter_tensors(model):
+            _validate_tensor(tensor, where)
+        for sparse in _sparse_tensors(model):
+            _validate_sparse(sparse, where)
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{where}: contains names or strings that are not valid UTF-8") from exc
+
+
+def _validate_tensor(tensor: TensorProto, where: str) -> None:
+    name = tensor.name or "<unnamed>"
+    if tensor.data_type not in _VALID_DATA_TYPES:
+        raise ModelError(
+            f"{where}: tensor {name!r} has an undefined data type ({tensor.data_type})"
+        )
+    if any(d < 0 for d in tensor.dims):
+        raise ModelError(f"{where}: tensor {name!r} has negative dims {list(tensor.dims)}")
+    if _is_external(tensor):
+        return  # checked against its file by validate_external_data
+    count = 1
+    for dim in tensor.dims:
+        count *= int(dim)
+    if tensor.HasField("raw_data"):
+        have, need = len(tensor.raw_data), tensor_nbytes(tensor)
+        if tensor.data_type != TensorProto.STRING and have != need:
+            raise ModelError(
+                f"{where}: tensor {name!r} holds {have} bytes of data, but dims "
+                f"{list(tensor.dims)} of {TensorProto.DataType.Name(tensor.data_type)} need {need}"
+            )
+        return
+    field_name, per_element = _TYPED_FIELDS.get(tensor.data_type, ("int32_data", 1))
+    have = len(getattr(tensor, field_name))
+    if tensor.data_type in _SUB_BYTE_BITS:  # packed several values per int32
+        per_element, count = 1, (count * _SUB_BYTE_BITS[tensor.data_type] + 7) // 8
+        have = min(have * 4, count)
+    if have != count * per_element:
+        raise ModelError(
+            f"{where}: tensor {name!r} holds {have} values, but dims {list(tensor.dims)} need "
+            f"{count * per_element}"
+        )
+
+
+def _sparse_tensors(model: onnx.ModelProto) -> Iterator[onnx.SparseTensorProto]:
+    yield from model.graph.sparse_initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("sparse_tensor"):
+                yield attr.sparse_tensor
+
+
+def _validate_sparse(sparse: onnx.SparseTensorProto, where: str) -> None:
+    name = sparse.values.name or "<unnamed sparse>"
+    dims = [int(d) for d in sparse.dims]
+    if any(d < 0 for d in dims) or len(sparse.values.dims) != 1:
+        raise ModelError(f"{where}: sparse tensor {name!r} has invalid dims")
+    nnz = int(sparse.values.dims[0])
+    indices = numpy_helper.to_array(sparse.indices)
+    total = 1
+    for d in dims:
+        total *= d
+    if indices.shape == (nnz,):
+        bad = indices.size and (indices.min() < 0 or indices.max() >= total)
+    elif indices.shape == (nnz, len(dims)):
+        bad = indices.size and bool(np.any((indices < 0) | (indices >= np.array(dims))))
+    else:
+        raise ModelError(
+            f"{where}: sparse tensor {name!r}: indices shape {indices.shape} fits neither "
+            f"[{nnz}] nor [{nnz}, {len(dims)}]"
+        )
+    if bad:
+        raise ModelError(f"{where}: sparse tensor {name!r} has indices outside dims {dims}")
 
 
 def _is_external(tensor: TensorProto) -> bool:

@@ -40,7 +40,7 @@ from onnxopt.check import (
     worst,
 )
 from onnxopt.data import Feed
-from onnxopt.errors import CheckFailed, OnnxoptError, UsageError
+from onnxopt.errors import CheckFailed, DataError, ModelError, OnnxoptError, UsageError
 from onnxopt.model import compressed_size, proto_nbytes
 from onnxopt.progress import SILENT, Progress
 
@@ -547,11 +547,9 @@ class PassManager:
         baseline, _ = structural_checks(model)
         for check, message in baseline.failures.items():
             log.warning("original model fails %s: %s (not held against the steps)", check, message)
-        session = runtime.make_session(model)
-        reference = runtime.run_samples(
-            session, self.progress(validation, desc="reference outputs", total=len(validation))
+        reference = original_outputs(
+            model, self.progress(validation, "reference outputs", total=len(validation))
         )
-        del session
         state = _RunState(
             original=model,
             calibration=calibration,
@@ -684,6 +682,26 @@ class PassManager:
         record.vs_previous = compare_outputs(state.previous, outputs, budget.tolerance)
         gated = record.vs_previous if record.lossless else record.vs_original
         return outputs, budget.violations(gated)
+
+
+def original_outputs(model: onnx.ModelProto, samples: Iterable[Feed]) -> list[dict]:
+    """Run the user's model on the samples; its failures are input errors (exit 2)."""
+    try:
+        session = runtime.make_session(model)
+    except Exception as exc:
+        raise ModelError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+    try:
+        return runtime.run_samples(session, samples)
+    except Exception as exc:
+        raise DataError(
+            f"onnxruntime cannot run the model on the samples: {_first_line(exc)}; "
+            "pass real inputs with --data (or other --shape values)"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:400]
 
 
 @dataclass

@@ -69,6 +69,7 @@ def run_samples(
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of ``model`` whose graph also outputs the intermediate tensors ``names``."""
+    model = toposorted(model)  # shape inference types nothing past an out-of-order node
     inferred = onnx.shape_inference.infer_shapes(densify_sparse_initializers(model))
     known = {vi.name: vi for vi in inferred.graph.value_info}
     known.update({vi.name: vi for vi in inferred.graph.input})
@@ -90,6 +91,40 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
         info.type.tensor_type.ClearField("shape")
         out.graph.output.append(info)
     return out
+
+
+def toposorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` itself when its main-graph nodes are in topological order, else a copy
+    that is (stable Kahn order; nodes in a cycle or with missing inputs go last)."""
+    nodes = list(model.graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    needs = [
+        {producer[x] for x in node.input if x in producer} - {i} for i, node in enumerate(nodes)
+    ]
+    if all(all(j < i for j in deps) for i, deps in enumerate(needs)):
+        return model
+    users: dict[int, list[int]] = {}
+    for i, deps in enumerate(needs):
+        for j in deps:
+            users.setdefault(j, []).append(i)
+    waiting = [len(deps) for deps in needs]
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    order: list[int] = []
+    while ready:
+        ready.sort()
+        i = ready.pop(0)
+        order.append(i)
+        for k in users.get(i, ()):
+            waiting[k] -= 1
+            if waiting[k] == 0:
+                ready.append(k)
+    placed = set(order)
+    order += [i for i in range(len(nodes)) if i not in placed]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes[i] for i in order)
+    return copy
 
 
 def iter_activations(
