@@ -172,8 +172,10 @@ def _validate_tensor(tensor: TensorProto, where: str) -> None:
     for dim in tensor.dims:
         count *= int(dim)
     if tensor.HasField("raw_data"):
+        if tensor.data_type == TensorProto.STRING:
+            raise ModelError(f"{where}: string tensor {name!r} stores raw_data, which ONNX forbids")
         have, need = len(tensor.raw_data), tensor_nbytes(tensor)
-        if tensor.data_type != TensorProto.STRING and have != need:
+        if have != need:
             raise ModelError(
                 f"{where}: tensor {name!r} holds {have} bytes of data, but dims "
                 f"{list(tensor.dims)} of {TensorProto.DataType.Name(tensor.data_type)} need {need}"

@@ -15,5 +15,6 @@ from onnxopt.passes import dedupe_initializers  # noqa: F401
 from onnxopt.passes import prune  # noqa: F401
 from onnxopt.passes import codebook  # noqa: F401
 from onnxopt.passes import neurons  # noqa: F401
+from onnxopt.passes import quantize  # noqa: F401
 from onnxopt.passes import distill  # noqa: F401
 # isort: on

@@ -1,0 +1,273 @@
+"""Streaming calibration: per-tensor statistics and the clipping range of each method.
+
+Memory is bounded by design: :func:`collect` runs the float model on one calibration
+sample at a time (``ctx.activations``) and folds each tensor into a
+:class:`TensorStats` — exact min/max plus a histogram of at most ``BINS`` bins — then
+drops the sample. Nothing grows with the number of samples.
+
+The histogram has bins of a power-of-two width ``w`` at absolute positions
+``[i*w, (i+1)*w)``. When a new sample widens the range beyond ``BINS`` bins, the width
+doubles and pairs of bins merge (``i -> floor(i/2)``): re-binning is exact, never an
+interpolation, and the result does not depend on the order of the samples except
+through the starting width. The range always spans more than ``BINS/2`` bins.
+
+Range methods (``choose_range``), all computed from the statistics:
+
+- ``minmax``: the observed ``[min, max]``.
+- ``percentile``: the ``(100-p)``-th and ``p``-th percentiles (``p`` = ``percentile``
+  option, default 99.999).
+- ``entropy``: the magnitude threshold ``t`` minimising the KL divergence between the
+  clipped histogram and its quantized version (the TensorRT method, on ``|x|``); the
+  range is ``[max(min, -t), min(max, t)]``.
+- ``mse``: the range minimising the expected squared quantization error
+  (clipping + rounding) of the histogram under the activation type's grid: a search
+  over ``hi`` (and ``lo`` for signed tensors) on a fraction grid of the observed range.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.passes.quantize.numerics import ActivationType, activation_params
+from onnxopt.pipeline import PassContext
+
+log = logging.getLogger(__name__)
+
+Method = Literal["minmax", "percentile", "entropy", "mse"]
+BINS = 2048
+
+
+@dataclass
+class TensorStats:
+    """Exact min/max and a mergeable histogram of one tensor over all samples seen."""
+
+    min: float = math.inf
+    max: float = -math.inf
+    count: int = 0
+    width: float = 0.0  # bin width, a power of two (0 before the first update)
+    start: int = 0  # absolute index of counts[0]: it covers [start*w, (start+1)*w)
+    counts: np.ndarray | None = None  # int64, at most BINS entries
+
+    def update(self, values: np.ndarray) -> None:
+        x = np.asarray(values, dtype=np.float64).ravel()
+        x = x[np.isfinite(x)]
+        if x.size == 0:
+            return
+        self.min = min(self.min, float(x.min()))
+        self.max = max(self.max, float(x.max()))
+        self.count += x.size
+        if self.counts is None:
+            self.width = _initial_width(self.min, self.max)
+            self.start = math.floor(self.min / self.width)
+            self.counts = np.zeros(0, np.int64)
+        while math.floor(self.max / self.width) - math.floor(self.min / self.width) + 1 > BINS:
+            self._double_width()
+        self._add(x)
+
+    def _double_width(self) -> None:
+        absolute = np.arange(self.start, self.start + len(self.counts)) // 2
+        new_start = self.start // 2
+        merged = np.zeros(int(absolute[-1] - new_start + 1) if len(absolute) else 0, np.int64)
+        np.add.at(merged, absolute - new_start, self.counts)
+        self.width *= 2.0
+        self.start, self.counts = new_start, merged
+
+    def _add(self, x: np.ndarray) -> None:
+        index = np.floor(x / self.width).astype(np.int64)
+        low = min(self.start, int(index.min()))
+        high = max(self.start + len(self.counts) - 1, int(index.max()))
+        if low != self.start or high != self.start + len(self.counts) - 1:
+            grown = np.zeros(high - low + 1, np.int64)
+            grown[self.start - low : self.start - low + len(self.counts)] = self.counts
+            self.start, self.counts = low, grown
+        self.counts += np.bincount(index - self.start, minlength=len(self.counts))
+
+    # -- views used by the range methods
+
+    def centers(self) -> tuple[np.ndarray, np.ndarray]:
+        """Centres and counts of the non-empty bins, centres clamped to [min, max]."""
+        nonzero = np.nonzero(self.counts)[0]
+        centers = (self.start + nonzero + 0.5) * self.width
+        return np.clip(centers, self.min, self.max), self.counts[nonzero].astype(np.float64)
+
+    def quantile(self, fraction: float) -> float:
+        """Value below which ``fraction`` of the elements lie (linear within a bin)."""
+        if self.counts is None:
+            return 0.0
+        cumulative = np.cumsum(self.counts)
+        target = fraction * cumulative[-1]
+        i = int(np.searchsorted(cumulative, target))
+        i = min(i, len(cumulative) - 1)
+        before = cumulative[i - 1] if i else 0
+        inside = (target - before) / max(self.counts[i], 1)
+        value = (self.start + i + inside) * self.width
+        return float(np.clip(value, self.min, self.max))
+
+    def magnitude_histogram(self) -> np.ndarray:
+        """Counts of |x| in bins [j*w, (j+1)*w), j >= 0 (negative bins fold exactly)."""
+        absolute = np.arange(self.start, self.start + len(self.counts))
+        folded = np.where(absolute < 0, -absolute - 1, absolute)
+        hist = np.zeros(int(folded.max()) + 1, np.int64)
+        np.add.at(hist, folded, self.counts)
+        return hist
+
+
+def _initial_width(lo: float, hi: float) -> float:
+    span = hi - lo
+    if span <= 0:
+        span = abs(hi) or 1.0
+    return 2.0 ** math.ceil(math.log2(span / BINS))
+
+
+# ---------------------------------------------------------------------------- collect
+
+
+def collect(
+    ctx: PassContext,
+    graph: gs.Graph,
+    names: Sequence[str],
+    observers: Mapping[str, Sequence[Callable[[np.ndarray], None]]] | None = None,
+    desc: str = "calibrating",
+) -> dict[str, TensorStats]:
+    """Statistics of tensors ``names`` over the calibration samples, one sample at a time.
+
+    ``observers`` maps tensor names to callbacks that also see each sample's value
+    (e.g. GPTQ's Hessians); their tensors are fetched even when not in ``names``.
+    """
+    observers = observers or {}
+    stats = {name: TensorStats() for name in names}
+    wanted = list(dict.fromkeys([*names, *observers]))
+    inputs = {t.name for t in graph.inputs}
+    direct = [n for n in wanted if n in inputs]
+    computed = [n for n in wanted if n not in inputs]
+
+    def feed_sample(values: Mapping[str, np.ndarray]) -> None:
+        for name, value in values.items():
+            if name in stats:
+                stats[name].update(value)
+            for observe in observers.get(name, ()):
+                observe(value)
+
+    if computed:
+        stream = ctx.activations(graph, computed, desc=desc)
+        for feed, sample in zip(ctx.calibration, stream):
+            feed_sample({**{n: feed[n] for n in direct}, **sample})
+    else:
+        for feed in ctx.progress(ctx.calibration, desc=desc, total=len(ctx.calibration)):
+            feed_sample({n: feed[n] for n in direct})
+    return stats
+
+
+# ---------------------------------------------------------------------------- methods
+
+
+def choose_range(
+    stats: TensorStats,
+    method: Method,
+    dtype: ActivationType = "uint8",
+    percentile: float = 99.999,
+) -> tuple[float, float]:
+    """The clipping range ``[lo, hi]`` of one tensor under ``method`` (contains 0)."""
+    if stats.counts is None:
+        return 0.0, 0.0
+    lo, hi = min(stats.min, 0.0), max(stats.max, 0.0)
+    if method == "minmax" or hi - lo == 0:
+        return lo, hi
+    if method == "percentile":
+        fraction = percentile / 100.0
+        return min(stats.quantile(1.0 - fraction), 0.0), max(stats.quantile(fraction), 0.0)
+    if method == "entropy":
+        t = entropy_threshold(stats, 128 if lo < 0 or dtype == "int8" else 256)
+        return max(lo, -t), min(hi, t)
+    if method == "mse":
+        return mse_range(stats, dtype)
+    raise ValueError(f"unknown calibration method {method!r}")
+
+
+def entropy_threshold(stats: TensorStats, levels: int = 128) -> float:
+    """KL-optimal magnitude threshold over ``|x|``: TensorRT's entropy calibration.
+
+    Candidates are the bin edges from ``levels`` bins up to the whole histogram. The
+    reference P is the histogram up to the candidate with the clipped mass added to
+    its last bin; the candidate Q merges the same bins *without* that mass into
+    ``levels`` levels and spreads each level evenly over its non-empty bins.
+    """
+    hist = stats.magnitude_histogram().astype(np.float64)
+    n = len(hist)
+    if n <= levels:
+        return n * stats.width
+    best, best_kl = n, math.inf
+    step = max(1, (n - levels) // 256)  # at most ~256 candidate thresholds
+    for i in [*range(levels, n, step), n]:
+        reference = hist[:i].copy()
+        reference[-1] += hist[i:].sum()
+        kl = _kl_after_quantization(reference, hist[:i], levels)
+        if kl < best_kl:
+            best, best_kl = i, kl
+    return best * stats.width
+
+
+def _kl_after_quantization(reference: np.ndarray, clipped: np.ndarray, levels: int) -> float:
+    nonzero = clipped != 0
+    edges = np.linspace(0, len(clipped), levels + 1).astype(np.int64)
+    expanded = np.zeros_like(clipped)
+    for a, b in itertools.pairwise(edges):
+        used = nonzero[a:b]
+        count = used.sum()
+        if b > a and count:
+            expanded[a:b][used] = clipped[a:b].sum() / count
+    if expanded.sum() == 0 or reference.sum() == 0:
+        return math.inf
+    p, q = reference / reference.sum(), expanded / expanded.sum()
+    mask = p > 0
+    if np.any(q[mask] == 0):
+        return math.inf
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+
+
+FRACTIONS = np.concatenate([np.linspace(0.02, 0.3, 15), np.linspace(0.32, 1.0, 35)])
+
+
+def mse_range(stats: TensorStats, dtype: ActivationType = "uint8") -> tuple[float, float]:
+    """Range minimising sum(count * (x - fake_quant(x))^2) over the histogram."""
+    centers, counts = stats.centers()
+    lo, hi = min(stats.min, 0.0), max(stats.max, 0.0)
+    if dtype == "int8":
+        bound = max(-lo, hi)
+        candidates = [(-bound * f, bound * f) for f in FRACTIONS]
+    elif lo == 0:
+        candidates = [(0.0, hi * f) for f in FRACTIONS]
+    else:
+        candidates = [(lo * a, hi * b) for a in FRACTIONS[::2] for b in FRACTIONS[::2]]
+        candidates.append((lo, hi))
+    errors = [_range_error(centers, counts, c, dtype) for c in candidates]
+    return candidates[int(np.argmin(errors))]
+
+
+def _range_error(
+    centers: np.ndarray, counts: np.ndarray, bounds: tuple[float, float], dtype: ActivationType
+) -> float:
+    params = activation_params(bounds[0], bounds[1], dtype)
+    scale = float(params.scale)
+    zero = float(params.zero_point)
+    info = np.iinfo(params.zero_point.dtype)
+    q = np.clip(np.rint(centers / scale) + zero, info.min, info.max)
+    error = (q - zero) * scale - centers
+    return float(np.sum(counts * error * error))
+
+
+def ranges(
+    stats: Mapping[str, TensorStats],
+    method: Method,
+    dtype: ActivationType = "uint8",
+    percentile: float = 99.999,
+) -> dict[str, tuple[float, float]]:
+    return {name: choose_range(s, method, dtype, percentile) for name, s in stats.items()}

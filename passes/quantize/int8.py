@@ -1,0 +1,346 @@
+"""``quantize-int8`` — static int8 quantization in QDQ form (lossy).
+
+Rewrite: calibrated QuantizeLinear/DequantizeLinear pairs on activations and int8
+DequantizeLinear weights, placed so that onnxruntime's CPU provider fuses them into
+integer kernels (QLinearConv, QGemm, QLinearMatMul, MatMulIntegerToFloat,
+QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, int8 Reshape/Transpose/
+MaxPool...). The placement rules are the table in ``qdq.py``.
+
+- Calibration (``calibrate.py``): ``method=mse`` (default) | ``minmax`` |
+  ``percentile`` | ``entropy``, streamed one calibration sample at a time.
+- Weights: symmetric int8 per output channel (Conv axis 0, Gemm the N axis of B,
+  MatMul axis 1); ``weight_clip=mse`` searches a per-channel clipping ratio.
+  Biases: int32, ``scale = input scale x weight scale``.
+- Activations: ``activations=uint8`` (default) asymmetric per tensor;
+  ``activations=int8`` symmetric (Relu/Clip are then kept, with a shared scale).
+- ``op_types=[...]`` restricts the quantized op types, ``exclude=[globs]`` keeps
+  matching node names float.
+- ``fallback=auto`` (default): when the result misses the step's budget (measured
+  with ``ctx.evaluate`` exactly as the PassManager will), each quantized Conv/Gemm/
+  MatMul is measured alone (output SQNR on calibration samples) and the most
+  sensitive ones return to float, fewest first, until the budget is met; the report
+  lists them with their SQNR. ``fallback=none`` leaves the verdict to the manager.
+- ``speed=auto``: onnxruntime's profiler times each fused integer node against its
+  float original (plus the Q/DQ it adds); nodes that are slower in int8 stay float.
+  The report always carries the measured int8/fp32 latency (``latency=false`` skips
+  that measurement).
+- ``weights_only=true``: weight-only int8 (per-channel DequantizeLinear on
+  Conv/ConvTranspose/Gemm/MatMul weights, activations and biases stay float); no
+  calibration. onnxruntime turns DQ→MatMul into MatMulNBits(bits=8).
+- Opset < 13 (per-channel DequantizeLinear needs 13): upgraded in this step with
+  ``upgrade=true`` (default; the converted float model must match the original
+  within 1e-4 on the calibration samples), refused with ``upgrade=false``. The
+  separate ``upgrade-opset`` pass does the same as a step of its own.
+
+Does nothing (no-op, reasons in ``details["skipped"]``) when no Conv/Gemm/MatMul
+qualifies: weights that are not float32 constants, graphs already quantized, op types
+outside the table. Subgraphs (If/Loop/Scan bodies) are not visited.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.errors import UsageError
+from onnxopt.graph import copy_graph
+from onnxopt.passes.quantize import calibrate, fallback, gptq, numerics, qdq, speed, upgrade
+from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
+
+log = logging.getLogger(__name__)
+
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul")
+WEIGHT_ONLY_AXES = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}
+
+
+class Calibration:
+    """Everything measured on the float graph, once: tensor statistics, GPTQ Hessians,
+    and the rounded weights (cached across the builds fallback/speed make)."""
+
+    def __init__(self, ctx: PassContext, graph: gs.Graph, options) -> None:
+        self.ctx = ctx
+        self.graph = graph
+        self.options = options
+        self.stats: dict[str, calibrate.TensorStats] = {}
+        self.hessians: dict[str, gptq.Hessian] = {}
+        self.runs = 0
+        self._rounded: dict[tuple[str, bytes], np.ndarray] = {}
+
+    def prepare(self, placement: qdq.Plan) -> None:
+        """One streaming pass: statistics of the plan's tensors and the core nodes' H."""
+        observers: dict[str, list] = {}
+        if self.options.rounding == "gptq":
+            nodes = {n.name: n for n in self.graph.nodes}
+            for name in placement.core():
+                node = nodes[name]
+                if gptq.Hessian.supports(node) and name not in self.hessians:
+                    hessian = gptq.Hessian(node, self.ctx.rng)
+                    self.hessians[name] = hessian
+                    observers.setdefault(node.inputs[0].name, []).append(hessian.update)
+        names = [n for n in qdq.activation_tensors(placement) if n not in self.stats]
+        if names or observers:
+            self.stats.update(calibrate.collect(self.ctx, self.graph, names, observers))
+            self.runs += 1
+
+    def ranges(self, names: list[str]) -> dict[str, tuple[float, float]]:
+        missing = [n for n in names if n not in self.stats]
+        if missing:
+            self.stats.update(calibrate.collect(self.ctx, self.graph, missing))
+            self.runs += 1
+        opts = self.options
+        return {
+            name: calibrate.choose_range(
+                self.stats[name], opts.method, opts.activations, opts.percentile
+            )
+            for name in names
+        }
+
+    def round_weight(
+        self, node: gs.Node, weight: np.ndarray, axis: int, scale: np.ndarray
+    ) -> np.ndarray:
+        hessian = self.hessians.get(node.name)
+        if hessian is None or hessian.rows == 0:
+            return qdq.nearest_rounding(node, weight, axis, scale)
+        key = (node.name, scale.tobytes())
+        if key not in self._rounded:
+            self._rounded[key] = gptq.gptq_quantize(node, weight, hessian, scale)
+        return self._rounded[key]
+
+
+@dataclass
+class Built:
+    graph: gs.Graph
+    plan: qdq.Plan
+    rewrite: qdq.RewriteStats
+
+
+class Job:
+    """One run of the pass: builds placements from the float graph and the report."""
+
+    def __init__(self, ctx: PassContext, options, float_graph: gs.Graph, notes, upgraded):
+        self.ctx = ctx
+        self.options = options
+        self.float_graph = float_graph
+        self.calibration = Calibration(ctx, float_graph, options)
+        self.notes: list[str] = notes
+        self.details: dict = {}
+        self.upgraded = upgraded
+
+    def build(self, float_nodes: frozenset[str]) -> Built:
+        """The int8 graph with ``float_nodes`` (and the user's exclusions) kept float."""
+        opts = self.options
+        candidate = copy_graph(self.float_graph)
+        selection = qdq.Selection(
+            tuple(opts.op_types), tuple(opts.exclude), float_nodes, opts.activations,
+            opts.matmul_activations,
+        )  # fmt: skip
+        placement = qdq.plan(candidate, selection)
+        if not float_nodes:
+            self.calibration.prepare(placement)
+        ranges = self.calibration.ranges(qdq.activation_tensors(placement))
+        rewriter = qdq.Rewriter(
+            candidate, ranges, opts.activations, opts.weight_clip, self.calibration.round_weight
+        )
+        return Built(candidate, placement, rewriter.apply(placement))
+
+    def record(self, key: str, outcome) -> None:
+        self.details[key] = outcome.report()
+        self.notes += outcome.notes()
+
+    def unchanged(self, note: str | None = None) -> PassResult:
+        if note:
+            self.notes.append(note)
+        changed = bool(self.upgraded)
+        return PassResult(changed, {"opset_upgraded": int(changed)}, self.details, self.notes)
+
+    def finish(self, graph: gs.Graph, built: Built) -> PassResult:
+        counts = _counts(built, self.upgraded)
+        self.details.update(_details(built, self.calibration))
+        try:
+            self.details["onnxruntime_ops"] = speed.runtime_ops(self.ctx.to_model(graph))
+        except Exception as exc:  # reporting only: the manager's checks decide
+            log.debug("could not read onnxruntime's optimized graph: %s", exc)
+        if self.options.latency:
+            timing = speed.latency_ratio(self.ctx, self.float_graph, graph)
+            self.details["latency"] = timing
+            ratio = timing["ratio_1_thread"]
+            counts["int8_fp32_latency"] = round(ratio, 3)
+            if ratio > 1.0:
+                hint = "" if self.options.speed == "auto" else "; speed=auto keeps slow nodes float"
+                self.notes.append(f"int8 model is {ratio:.2f}x the fp32 latency (1 thread){hint}")
+        return PassResult(True, counts, self.details, self.notes)
+
+
+@register_pass
+class QuantizeInt8Pass(Pass):
+    name = "quantize-int8"
+    summary = "Static int8 QDQ quantization, calibrated, fused by onnxruntime into int8 kernels."
+    lossless = False
+
+    @dataclass
+    class Options:
+        method: Literal["mse", "minmax", "percentile", "entropy"] = option(
+            "mse", "activation range calibration"
+        )
+        percentile: float = option(99.999, "percentile for method=percentile", range=(50, 100))
+        activations: Literal["uint8", "int8"] = option(
+            "uint8", "activation type: uint8 asymmetric or int8 symmetric"
+        )
+        op_types: list[str] = option((), "quantize only these op types (default: all in the table)")
+        exclude: list[str] = option((), "node-name globs kept float")
+        fallback: Literal["auto", "none"] = option(
+            "auto", "return the most sensitive nodes to float until the budget is met"
+        )
+        speed: Literal["none", "auto"] = option(
+            "none", "keep float the nodes that the profiler finds slower in int8"
+        )
+        weights_only: bool = option(False, "int8 weights only (no activation quantization)")
+        matmul_activations: bool = option(False, "also quantize activation x activation MatMul")
+        weight_clip: Literal["max", "mse"] = option("max", "per-channel weight range")
+        rounding: Literal["gptq", "nearest"] = option(
+            "gptq", "weight rounding: GPTQ error feedback on calibration data, or nearest"
+        )
+        upgrade: bool = option(True, "upgrade opset < 13 to 13 in this step")
+        latency: bool = option(True, "measure int8/fp32 latency for the report")
+
+        def validate(self) -> None:
+            unknown = [op for op in self.op_types if op not in qdq.QDQ_RULES]
+            if unknown:
+                raise ValueError(
+                    f"op_types: unknown op type(s) {', '.join(unknown)}; "
+                    f"valid: {', '.join(sorted(qdq.QDQ_RULES))}"
+                )
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        opts = self.options
+        if _already_quantized(graph):
+            return PassResult(False, notes=["graph already contains QuantizeLinear/QLinear ops"])
+        qdq.ensure_node_names(graph)
+        notes: list[str] = []
+        upgraded = self._try_upgrade(graph, ctx, notes)
+        if opts.weights_only:
+            return self._weights_only(graph, notes, upgraded)
+        job = Job(ctx, opts, copy_graph(graph), notes, upgraded)
+        built = job.build(frozenset())
+        job.details["skipped"] = built.plan.skipped
+        if not built.plan.core():
+            return job.unchanged("no Conv/Gemm/MatMul can be quantized")
+        float_nodes: frozenset[str] = frozenset()
+        if opts.fallback == "auto":
+            outcome = fallback.auto_fallback(job.build, built, ctx, job.float_graph)
+            job.record("fallback", outcome)
+            if outcome.built is None:
+                return job.unchanged()
+            built = outcome.built
+            float_nodes = frozenset(d["node"] for d in outcome.kept_float)
+        if opts.speed == "auto":
+            outcome = speed.speed_auto(job.build, built, ctx, job.float_graph, float_nodes)
+            job.record("speed", outcome)
+            built = outcome.built
+            if not built.plan.core():
+                return job.unchanged(
+                    "speed=auto: int8 is not faster than fp32 here (profiled per node, "
+                    f"whole model {outcome.ratio:.2f}x fp32); model left float"
+                )
+        upgrade.replace_contents(graph, built.graph)
+        return job.finish(graph, built)
+
+    def _try_upgrade(self, graph: gs.Graph, ctx: PassContext, notes: list[str]) -> int | None:
+        opset = upgrade.default_opset(graph)
+        if opset >= 13:
+            return None
+        if not self.options.upgrade:
+            raise UsageError(
+                f"quantize-int8: opset {opset} < 13 (per-channel DequantizeLinear needs 13); "
+                "put upgrade-opset(target=13) in front or set upgrade=true"
+            )
+        before = ctx.to_model(graph)
+        old = upgrade.upgrade_graph(graph, ctx, 13)
+        if ctx.calibration:
+            diff = upgrade.check_upgrade(before, ctx.to_model(graph), ctx)
+            if diff > 1e-4:
+                raise UsageError(
+                    f"quantize-int8: upgrading opset {old} -> 13 changed the outputs by {diff:.3g}"
+                )
+        notes.append(f"opset {old} upgraded to 13 before quantizing")
+        return old
+
+    def _weights_only(self, graph: gs.Graph, notes: list[str], upgraded: int | None) -> PassResult:
+        rewriter = qdq.Rewriter(graph, {})
+        count = 0
+        for node in list(graph.nodes):
+            axis = _weight_only_axis(node)
+            if axis is None or not self._allowed(node):
+                continue
+            weight = node.inputs[1]
+            q, params = numerics.quantize_weight(weight.values, axis)
+            node.inputs[1] = rewriter.dequantized(weight.name, q, params)
+            rewriter.stats.weight_bytes_before += weight.values.nbytes
+            rewriter.stats.weight_bytes_after += (
+                q.nbytes + params.scale.nbytes + params.zero_point.nbytes
+            )
+            count += 1
+        if not count:
+            return PassResult(bool(upgraded), notes=[*notes, "no float32 weight to quantize"])
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        counts = {
+            "weights_quantized": count,
+            "weight_bytes_before": rewriter.stats.weight_bytes_before,
+            "weight_bytes_after": rewriter.stats.weight_bytes_after,
+            "opset_upgraded": int(bool(upgraded)),
+        }
+        return PassResult(True, counts, notes=notes)
+
+    def _allowed(self, node: gs.Node) -> bool:
+        opts = self.options
+        if opts.op_types and node.op not in opts.op_types:
+            return False
+        return not qdq.matches_any(node.name, opts.exclude)
+
+
+def _weight_only_axis(node: gs.Node) -> int | None:
+    if len(node.inputs) < 2 or not qdq._const_float(node.inputs[1]):
+        return None
+    weight = node.inputs[1].values
+    if node.op == "Gemm" and weight.ndim == 2:
+        return qdq._gemm_axis(node)
+    if node.op == "MatMul" and weight.ndim != 2:
+        return None
+    return WEIGHT_ONLY_AXES.get(node.op)
+
+
+def _already_quantized(graph: gs.Graph) -> bool:
+    return any(n.op in QUANTIZED_OPS for n in graph.nodes)
+
+
+def _counts(built: Built, upgraded: int | None) -> dict[str, float]:
+    kinds = qdq.describe(built.plan)
+    stats = built.rewrite
+    return {
+        "core_quantized": kinds.get("core", 0),
+        "int8_ops": kinds.get("int8", 0),
+        "passthrough_int8": kinds.get("passthrough", 0),
+        "relu_absorbed": stats.absorbed,
+        "qdq_pairs": stats.qdq_pairs,
+        "weights_quantized": stats.weights,
+        "biases_int32": stats.biases,
+        "kept_float": len(built.plan.skipped),
+        "opset_upgraded": int(bool(upgraded)),
+    }
+
+
+def _details(built: Built, calibration: Calibration) -> dict:
+    return {
+        "quantized_nodes": qdq.kernels(built.graph.nodes, built.plan)
+        or {name: kind for name, kind in built.plan.nodes.items()},
+        "calibration_runs": calibration.runs,
+        "gptq_nodes": sorted(calibration.hessians),
+        "weight_bytes": {
+            "before": built.rewrite.weight_bytes_before,
+            "after": built.rewrite.weight_bytes_after,
+        },
+    }
