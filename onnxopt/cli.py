@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib-samples", type=int, default=None, help="calibration samples (default 64)"
     )
     p.add_argument("--val-samples", type=int, default=None, help="validation samples (default 32)")
-    p.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data")
+    p.add_argument(
+        "--external-data", action="store_true", help="store weights in OUTPUT.<hash>.data"
+    )
     p.set_defaults(handler=cmd_optimize)
 
     p = sub.add_parser("passes", parents=[common], help="list passes, or show one pass's options")

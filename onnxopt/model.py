@@ -13,7 +13,10 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import os
+import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -349,85 +352,116 @@ def save_model(
     ``protect`` lists files (typically the input model and its data) never to overwrite.
     """
     target = Path(path).resolve()
-    data_name = target.name + ".data"
-    for guarded in protect:
-        guarded = Path(guarded).resolve()
-        if target == guarded or target.with_name(data_name) == guarded:
-            raise ModelError(f"refusing to overwrite the input file {guarded}; choose another -o")
+    guarded = {Path(p).resolve() for p in protect}
+    if target in guarded:
+        raise ModelError(f"refusing to overwrite the input file {target}; choose another -o")
     if target.is_dir():
         raise ModelError(f"output path {target} is a directory")
     if not target.parent.is_dir():
         raise ModelError(f"output folder {target.parent} does not exist")
     if external_data is None:
         external_data = proto_nbytes(model) > EXTERNAL_DATA_THRESHOLD
-    with tempfile.TemporaryDirectory(prefix=".onnxopt-", dir=target.parent) as tmp:
+    _remove_orphaned_temp_folders(target.parent)
+    prefix = f"{TEMP_PREFIX}{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=target.parent) as tmp:
         tmp_model = Path(tmp) / target.name
-        if external_data:
-            write_external(model, tmp_model, data_name)
+        data_name = write_external(model, tmp_model) if external_data else None
+        if data_name:
             os.replace(Path(tmp) / data_name, target.with_name(data_name))
         else:
             tmp_model.write_bytes(serialize(model))
-        os.replace(tmp_model, target)
+        os.replace(tmp_model, target)  # the commit point: the new model appears whole
+    _remove_stale_data_files(target, keep=data_name, guarded=guarded)
     return target
+
+
+def _remove_stale_data_files(target: Path, keep: str | None, guarded: set[Path]) -> None:
+    """Data files of earlier saves to the same path (``NAME.<hash>.data``)."""
+    for old in target.parent.glob(f"{glob.escape(target.name)}.*.data"):
+        stem = old.name[len(target.name) + 1 : -len(".data")]
+        if old.name != keep and len(stem) == 12 and old.resolve() not in guarded:
+            old.unlink(missing_ok=True)
+
+
+TEMP_PREFIX = ".onnxopt-"
+
+
+def _remove_orphaned_temp_folders(folder: Path) -> None:
+    """A save killed mid-way (SIGKILL, power loss) leaves its hidden temporary folder
+    (never a partial output: the output appears by rename). Remove those whose
+    process is gone; folders of live processes (concurrent saves) are left alone."""
+    for entry in folder.glob(f"{TEMP_PREFIX}*"):
+        pid = entry.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+        if not entry.is_dir() or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the .onnx file
 
 
-def write_external(model: onnx.ModelProto, path: Path, data_name: str) -> None:
-    """Write ``model`` to ``path`` with its main-graph initializers in ``data_name``.
+def write_external(model: onnx.ModelProto, path: Path) -> str:
+    """Write ``model`` to ``path`` with its main-graph initializers in a data file next
+    to it; return the data file's name, ``<model name>.<content hash>.data``.
 
-    The model is never modified or copied whole: tensor bytes are streamed to the
-    data file one tensor at a time, and the .onnx file is serialized from a light
-    proto that shares nothing big. (``onnx.save_model(save_as_external_data=True)``
-    converts the model in place, so it needs a full copy first — twice the memory.)
+    The name depends on the content, so a run that replaces an earlier output never
+    pairs the new .onnx with the old data (or the reverse) if it is killed between the
+    two renames, and the same model always gets the same bytes. The model is never
+    modified or copied whole: tensor bytes are streamed one at a time and the .onnx is
+    serialized from a light proto (``onnx.save_model(save_as_external_data=True)``
+    converts in place, so it would need a full copy first).
     """
     light = onnx.ModelProto()
-    for field_name in (
-        "ir_version",
-        "producer_name",
-        "producer_version",
-        "domain",
-        "model_version",
-        "doc_string",
-    ):
-        setattr(light, field_name, getattr(model, field_name))
+    for name in ("ir_version", "producer_name", "producer_version", "domain",
+                 "model_version", "doc_string"):  # fmt: skip
+        setattr(light, name, getattr(model, name))
     light.opset_import.extend(model.opset_import)
     light.metadata_props.extend(model.metadata_props)
     light.functions.extend(model.functions)
     graph, source = light.graph, model.graph
     graph.name, graph.doc_string = source.name, source.doc_string
-    for name in (
-        "node",
-        "input",
-        "output",
-        "value_info",
-        "sparse_initializer",
-        "quantization_annotation",
-    ):
+    for name in ("node", "input", "output", "value_info", "sparse_initializer",
+                 "quantization_annotation"):  # fmt: skip
         getattr(graph, name).extend(getattr(source, name))
-    with open(path.with_name(data_name), "wb") as data:
+    digest = hashlib.sha256()
+    partial = path.with_name(path.name + ".data.partial")
+    locations = []
+    with open(partial, "wb") as data:
         for tensor in source.initializer:
             if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
                 graph.initializer.append(tensor)
                 continue
             stub = graph.initializer.add()
-            stub.name, stub.data_type, stub.doc_string = (
-                tensor.name,
-                tensor.data_type,
-                tensor.doc_string,
-            )
+            stub.name, stub.data_type = tensor.name, tensor.data_type
+            stub.doc_string = tensor.doc_string
             stub.dims.extend(tensor.dims)
             raw = tensor.raw_data
             offset = data.tell()
-            data.write(raw)
-            data.write(b"\0" * (-len(raw) % 4096))  # page-aligned offsets (mmap-friendly)
+            chunk = raw + b"\0" * (-len(raw) % 4096)  # page-aligned offsets (mmap-friendly)
+            data.write(chunk)
+            digest.update(chunk)
             stub.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", data_name), ("offset", offset), ("length", len(raw))):
+            for key, value in (("location", ""), ("offset", offset), ("length", len(raw))):
                 entry = stub.external_data.add()
                 entry.key, entry.value = key, str(value)
-            del raw
+            locations.append(stub.external_data[0])
+            del raw, chunk
+    data_name = f"{path.name}.{digest.hexdigest()[:12]}.data"
+    os.replace(partial, path.with_name(data_name))
+    for entry in locations:
+        entry.value = data_name
     path.write_bytes(light.SerializeToString())
+    return data_name
 
 
 def serialize(model: onnx.ModelProto) -> bytes:

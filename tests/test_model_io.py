@@ -60,7 +60,15 @@ def test_external_data_roundtrip(tmp_path):
     out = tmp_path / "out" / "o.onnx"
     out.parent.mkdir()
     save_model(loaded.proto, out, external_data=True)
-    assert (out.parent / "o.onnx.data").exists()
+    data_files = list(out.parent.glob("o.onnx.*.data"))
+    assert len(data_files) == 1
+    # saving again (same content) keeps one data file; other content replaces it
+    save_model(loaded.proto, out, external_data=True)
+    assert list(out.parent.glob("o.onnx.*.data")) == data_files
+    save_model(_matmul_model(np.ones((64, 32), np.float32)), out, external_data=True)
+    assert len(list(out.parent.glob("o.onnx.*.data"))) == 1
+    assert list(out.parent.glob("o.onnx.*.data")) != data_files
+    save_model(loaded.proto, out, external_data=True)
     again = load_model(out)
     feeds = seeded_feeds(again.proto, 2)
     assert_equivalent(run(loaded.proto, feeds), run(again.proto, feeds), "atol=0,rtol=0")
@@ -128,7 +136,8 @@ def test_automatic_external_data_threshold(tmp_path, monkeypatch):
     monkeypatch.setattr(model_module, "EXTERNAL_DATA_THRESHOLD", 1000)
     out = tmp_path / "big.onnx"
     save_model(_matmul_model(np.ones((64, 64), np.float32)), out)
-    assert (tmp_path / "big.onnx.data").stat().st_size >= 64 * 64 * 4
+    (data,) = tmp_path.glob("big.onnx.*.data")
+    assert data.stat().st_size >= 64 * 64 * 4
     assert out.stat().st_size < 1000
 
 
@@ -234,3 +243,41 @@ def test_overridable_inputs_survive_graph_copies():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     exported = to_model(copy_graph(to_graph(model)), model)
     assert [t.name for t in exported.graph.initializer] == ["bias"]
+
+
+def test_killed_save_leaves_no_output_and_its_temp_folder_is_reclaimed(tmp_path):
+    """SIGKILL during a save: the output never appears half-written; the orphaned
+    temporary folder is removed by the next save into that folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import numpy as np, onnx, sys\n"
+        "from onnx import helper, numpy_helper, TensorProto\n"
+        "from onnxopt.model import save_model\n"
+        "w = np.ones((4096, 4096), np.float32)\n"
+        "g = helper.make_graph([helper.make_node('MatMul', ['x', 'w'], ['y'])], 'g',\n"
+        "    [helper.make_tensor_value_info('x', TensorProto.FLOAT, [1, 4096])],\n"
+        "    [helper.make_tensor_value_info('y', TensorProto.FLOAT, [1, 4096])],\n"
+        "    [numpy_helper.from_array(w, 'w')])\n"
+        "m = helper.make_model(g)\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        "    save_model(m, sys.argv[1], external_data=True)\n"
+    )
+    target = tmp_path / "out.onnx"
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "ready"
+    deadline = time.time() + 30
+    while not list(tmp_path.glob(".onnxopt-*")) and time.time() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    if target.exists():  # killed after a completed save: the file is whole
+        load_model(target)
+    save_model(_matmul_model(np.ones((4, 4), np.float32)), tmp_path / "other.onnx")
+    assert not list(tmp_path.glob(".onnxopt-*"))
