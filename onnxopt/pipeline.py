@@ -623,6 +623,7 @@ class PassManager:
                 record.status, record.after = "no-op", record.before
                 return record, None, None
             candidate = graph_utils.to_model(graph, accepted)
+            del graph, ctx  # the pass's new weight arrays: not needed once exported
             outputs, problems = self._validate(candidate, state, record, budget)
         except OnnxoptError as exc:
             # the user's input cannot work with this pass (e.g. no calibration data):
