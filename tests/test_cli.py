@@ -171,3 +171,37 @@ def test_inspect_compare_bench(tmp_path, capsys):
     timings = json.loads(capsys.readouterr().out)
     assert [t["label"] for t in timings] == ["digits_cnn.onnx", "digits_mlp.onnx"]
     assert timings[0]["ratio"] == 1.0 and timings[1]["median_ms"] > 0
+
+
+def test_killed_optimize_run_leaves_no_partial_output(tmp_path):
+    """SIGKILL at several points of a whole run: the output is absent or complete."""
+    import signal
+    import time
+
+    import onnx
+
+    out = tmp_path / "o.onnx"
+    for delay in (0.5, 1.0, 1.5, 2.0, 3.0):
+        out.unlink(missing_ok=True)
+        process = subprocess.Popen(
+            [
+                "onnxopt",
+                "optimize",
+                CNN,
+                "-o",
+                str(out),
+                "--passes",
+                "fold-batchnorm,cleanup,dedupe-initializers",
+                "--data",
+                DATA,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if out.exists():
+            onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "o.onnx"]
+    assert all(name.startswith(".onnxopt-") for name in leftovers)
