@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxopt.model import densify_sparse_initializers, materialized
+from onnxopt.model import densify_sparse_initializers, materialized, tensor_nbytes
 
 Feed = Mapping[str, np.ndarray]
 
@@ -70,7 +70,7 @@ def run_samples(
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of ``model`` whose graph also outputs the intermediate tensors ``names``."""
     model = toposorted(model)  # shape inference types nothing past an out-of-order node
-    inferred = onnx.shape_inference.infer_shapes(densify_sparse_initializers(model))
+    inferred = onnx.shape_inference.infer_shapes(typed_view(densify_sparse_initializers(model)))
     known = {vi.name: vi for vi in inferred.graph.value_info}
     known.update({vi.name: vi for vi in inferred.graph.input})
     known.update({vi.name: vi for vi in inferred.graph.output})
@@ -125,6 +125,38 @@ def toposorted(model: onnx.ModelProto) -> onnx.ModelProto:
     del copy.graph.node[:]
     copy.graph.node.extend(nodes[i] for i in order)
     return copy
+
+
+TYPED_VIEW_MIN_BYTES = 1 << 20
+
+
+def typed_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """For shape inference only: ``model`` with every initializer over 1 MB replaced by a
+    typed graph input (same name, dtype and dims, no data).
+
+    onnx's shape inference serializes the model, which fails above 2 GB; large weights
+    never decide a shape, so their types are all it needs. Small initializers (shape
+    constants) keep their values. Returns ``model`` itself when nothing is large.
+    """
+    large = [t for t in model.graph.initializer if tensor_nbytes(t) > TYPED_VIEW_MIN_BYTES]
+    if not large:
+        return model
+    light = onnx.ModelProto()
+    light.ir_version = max(model.ir_version, 4)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph, source = light.graph, model.graph
+    for name in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(graph, name).extend(getattr(source, name))
+    large_names = {t.name for t in large}
+    graph.initializer.extend(t for t in source.initializer if t.name not in large_names)
+    declared = {v.name for v in graph.input}
+    graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in large
+        if t.name not in declared
+    )
+    return light
 
 
 def iter_activations(
