@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxopt.errors import UsageError
+from onnxopt.errors import UsageError, first_line
 
 Outputs = Mapping[str, np.ndarray]
 
@@ -284,20 +284,14 @@ def structural_checks(model: onnx.ModelProto) -> tuple[StructuralReport, onnx.Mo
     try:
         onnx.checker.check_model(model, full_check=False)
     except Exception as exc:
-        report.failures["checker"] = _first_line(exc)
+        report.failures["checker"] = first_line(exc)
     try:
         inferred = onnx.shape_inference.infer_shapes(
             densify_sparse_initializers(model), check_type=True, strict_mode=True, data_prop=True
         )
     except Exception as exc:
-        report.failures["shape_inference"] = _first_line(exc)
+        report.failures["shape_inference"] = first_line(exc)
     return report, inferred
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def assert_equivalent(

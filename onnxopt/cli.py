@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxopt import __version__
-from onnxopt.errors import CheckFailed, OnnxoptError, UsageError
+from onnxopt.errors import CheckFailed, OnnxoptError, UsageError, first_line
 from onnxopt.train.cli import add_subcommands as add_train_subcommands
 
 log = logging.getLogger("onnxopt")
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # an internal bug: one line unless -v
         if args.verbose:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc, 400)
         print(
             f"onnxopt: internal error: {type(exc).__name__}: {first} "
             "(run with -v for the traceback)",

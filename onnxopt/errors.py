@@ -9,6 +9,13 @@ its traceback.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-blank line of an exception's message (its type name if empty),
+    cut to ``limit`` characters: onnx and onnxruntime errors run to many lines."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
 class OnnxoptError(Exception):
     """Base class for errors caused by the user's input (model, data, options)."""
 

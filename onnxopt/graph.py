@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import SparseValues
@@ -165,10 +166,45 @@ def _hoist_from(body: onnx.GraphProto, main: onnx.GraphProto, outer: set[str], p
                 _hoist_from(sub, main, outer, present)
 
 
-def copy_graph(graph: gs.Graph) -> gs.Graph:
-    """``graph.copy()``; weight arrays are shared with the original: never write into them.
-    (Input defaults need no care: ``to_model`` restores them from its template.)"""
-    return graph.copy()
+def replace_contents(graph: gs.Graph, source: gs.Graph) -> None:
+    """Make ``graph`` hold ``source``'s nodes, inputs, outputs and opsets, in place
+    (a pass must mutate the graph object it was given)."""
+    graph.nodes = source.nodes
+    graph.inputs = source.inputs
+    graph.outputs = source.outputs
+    graph.opset = source.opset
+    graph.import_domains = source.import_domains
+    graph.ir_version = max(graph.ir_version or 0, source.ir_version or 0) or None
+
+
+def convert_opset(
+    graph: gs.Graph, target: int, template: onnx.ModelProto, *, validate: bool = False
+) -> None:
+    """Convert ``graph`` in place to default-domain opset ``target`` with onnx's version
+    converter (it works on a ModelProto: export, convert, re-import, swap contents).
+
+    Raises ValueError with the converter's reason, leaving the graph unchanged.
+    ``validate`` also runs onnx's checker on the converted model. The converter runs
+    shape inference; only the value_info the graph already described is kept.
+    """
+    from onnxopt.errors import first_line
+
+    model = to_model(graph.copy(), template)
+    try:
+        converted = onnx.version_converter.convert_version(model, target)
+        if validate:
+            onnx.checker.check_model(converted)
+    except Exception as exc:  # onnx raises RuntimeError/ConvertError naming the op
+        raise ValueError(first_line(exc, 200)) from None
+    described = {
+        t.name
+        for t in graph.tensors().values()
+        if isinstance(t, gs.Variable) and (t.dtype is not None or t.shape is not None)
+    }
+    kept = [info for info in converted.graph.value_info if info.name in described]
+    del converted.graph.value_info[:]
+    converted.graph.value_info.extend(kept)
+    replace_contents(graph, to_graph(converted))
 
 
 def lift_constant_nodes(graph: gs.Graph) -> int:

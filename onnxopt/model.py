@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from onnxopt.errors import ModelError
+from onnxopt.errors import ModelError, first_line
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Leave headroom under the hard protobuf limit for graph structure and metadata.
@@ -79,7 +79,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | LoadedModel) -> Loa
     try:
         proto = onnx.load_model(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError...
-        raise ModelError(f"{path}: not a readable ONNX model ({_one_line(exc)})") from exc
+        raise ModelError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
     _check_model_header(proto, str(path))
     validate_tensors(proto, str(path))
     external = validate_external_data(proto, path.parent, where=str(path))
@@ -87,7 +87,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | LoadedModel) -> Loa
         try:
             onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
         except Exception as exc:
-            raise ModelError(f"{path}: cannot read external data ({_one_line(exc)})") from exc
+            raise ModelError(f"{path}: cannot read external data ({first_line(exc)})") from exc
     return LoadedModel(proto=proto, path=path.resolve(), external_files=external)
 
 
@@ -410,17 +410,9 @@ def _process_alive(pid: int) -> bool:
 EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the .onnx file
 
 
-def write_external(model: onnx.ModelProto, path: Path) -> str:
-    """Write ``model`` to ``path`` with its main-graph initializers in a data file next
-    to it; return the data file's name, ``<model name>.<content hash>.data``.
-
-    The name depends on the content, so a run that replaces an earlier output never
-    pairs the new .onnx with the old data (or the reverse) if it is killed between the
-    two renames, and the same model always gets the same bytes. The model is never
-    modified or copied whole: tensor bytes are streamed one at a time and the .onnx is
-    serialized from a light proto (``onnx.save_model(save_as_external_data=True)``
-    converts in place, so it would need a full copy first).
-    """
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without its main-graph initializers, built field by field so
+    the weights are never copied (``CopyFrom`` would copy them all)."""
     light = onnx.ModelProto()
     for name in ("ir_version", "producer_name", "producer_version", "domain",
                  "model_version", "doc_string"):  # fmt: skip
@@ -433,6 +425,22 @@ def write_external(model: onnx.ModelProto, path: Path) -> str:
     for name in ("node", "input", "output", "value_info", "sparse_initializer",
                  "quantization_annotation"):  # fmt: skip
         getattr(graph, name).extend(getattr(source, name))
+    return light
+
+
+def write_external(model: onnx.ModelProto, path: Path) -> str:
+    """Write ``model`` to ``path`` with its main-graph initializers in a data file next
+    to it; return the data file's name, ``<model name>.<content hash>.data``.
+
+    The name depends on the content, so a run that replaces an earlier output never
+    pairs the new .onnx with the old data (or the reverse) if it is killed between the
+    two renames, and the same model always gets the same bytes. The model is never
+    modified or copied whole: tensor bytes are streamed one at a time and the .onnx is
+    serialized from a light proto (``onnx.save_model(save_as_external_data=True)``
+    converts in place, so it would need a full copy first).
+    """
+    light = without_initializers(model)
+    graph, source = light.graph, model.graph
     digest = hashlib.sha256()
     partial = path.with_name(path.name + ".data.partial")
     locations = []
@@ -469,7 +477,7 @@ def serialize(model: onnx.ModelProto) -> bytes:
         return model.SerializeToString()
     except ValueError as exc:  # protobuf refuses messages over 2 GB
         raise ModelError(
-            f"model is too large to serialize in one file ({_one_line(exc)}); "
+            f"model is too large to serialize in one file ({first_line(exc)}); "
             "save it with external data"
         ) from exc
 
@@ -523,8 +531,3 @@ def opset_version(model: onnx.ModelProto, domain: str = "") -> int | None:
         if entry.domain in (domain, "ai.onnx" if domain == "" else domain):
             return int(entry.version)
     return None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

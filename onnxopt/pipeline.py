@@ -40,7 +40,14 @@ from onnxopt.check import (
     worst,
 )
 from onnxopt.data import Feed
-from onnxopt.errors import CheckFailed, DataError, ModelError, OnnxoptError, UsageError
+from onnxopt.errors import (
+    CheckFailed,
+    DataError,
+    ModelError,
+    OnnxoptError,
+    UsageError,
+    first_line,
+)
 from onnxopt.model import compressed_size, proto_nbytes
 from onnxopt.progress import SILENT, Progress
 
@@ -430,7 +437,7 @@ class PassContext:
         return self.evaluator(graph)
 
     def to_model(self, graph: gs.Graph) -> onnx.ModelProto:
-        return graph_utils.to_model(graph_utils.copy_graph(graph), self.template)
+        return graph_utils.to_model(graph.copy(), self.template)
 
     def activations(
         self, graph: gs.Graph, names: Sequence[str], desc: str = "calibrating"
@@ -599,7 +606,7 @@ class PassManager:
         target = state.previous if step.pass_cls.lossless else state.reference
 
         def evaluate(graph: gs.Graph) -> Evaluation:
-            candidate = graph_utils.to_model(graph_utils.copy_graph(graph), accepted)
+            candidate = graph_utils.to_model(graph.copy(), accepted)
             outputs = runtime.run_samples(runtime.make_session(candidate), state.validation)
             metrics = compare_outputs(target, outputs, budget.tolerance)
             return Evaluation(metrics, budget.violations(metrics))
@@ -634,7 +641,7 @@ class PassManager:
             raise type(exc)(message) from exc
         except Exception as exc:  # a pass bug must not take the run down: roll back
             log.debug("step %s raised", step, exc_info=True)
-            problems = [f"pass raised {type(exc).__name__}: {exc}".splitlines()[0][:300]]
+            problems = [f"pass raised {type(exc).__name__}: {first_line(exc)}"]
             record.reason = problems[0]
             if log.isEnabledFor(logging.DEBUG):
                 record.reason += "\n" + traceback.format_exc()
@@ -674,7 +681,7 @@ class PassManager:
         try:
             session = runtime.make_session(candidate)
         except Exception as exc:
-            return None, [f"onnxruntime cannot load the result: {str(exc).splitlines()[0][:300]}"]
+            return None, [f"onnxruntime cannot load the result: {first_line(exc)}"]
         samples = state.validation
         outputs = runtime.run_samples(
             session, self.progress(samples, desc=f"checking {record.step}", total=len(samples))
@@ -690,19 +697,14 @@ def original_outputs(model: onnx.ModelProto, samples: Iterable[Feed]) -> list[di
     try:
         session = runtime.make_session(model)
     except Exception as exc:
-        raise ModelError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+        raise ModelError(f"onnxruntime cannot load the model: {first_line(exc, 400)}") from None
     try:
         return runtime.run_samples(session, samples)
     except Exception as exc:
         raise DataError(
-            f"onnxruntime cannot run the model on the samples: {_first_line(exc)}; "
+            f"onnxruntime cannot run the model on the samples: {first_line(exc, 400)}; "
             "pass real inputs with --data (or other --shape values)"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:400]
 
 
 @dataclass

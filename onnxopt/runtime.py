@@ -13,7 +13,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxopt.model import densify_sparse_initializers, materialized, tensor_nbytes
+from onnxopt.model import (
+    densify_sparse_initializers,
+    materialized,
+    tensor_nbytes,
+    without_initializers,
+)
 
 Feed = Mapping[str, np.ndarray]
 
@@ -141,13 +146,9 @@ def typed_view(model: onnx.ModelProto) -> onnx.ModelProto:
     large = [t for t in model.graph.initializer if tensor_nbytes(t) > TYPED_VIEW_MIN_BYTES]
     if not large:
         return model
-    light = onnx.ModelProto()
+    light = without_initializers(model)
     light.ir_version = max(model.ir_version, 4)
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
     graph, source = light.graph, model.graph
-    for name in ("node", "input", "output", "value_info", "sparse_initializer"):
-        getattr(graph, name).extend(getattr(source, name))
     large_names = {t.name for t in large}
     graph.initializer.extend(t for t in source.initializer if t.name not in large_names)
     declared = {v.name for v in graph.input}

@@ -73,12 +73,11 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-import onnx.version_converter
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt.errors import UsageError
-from onnxopt.graph import WeightRef, to_graph, weight_refs
+from onnxopt.graph import WeightRef, convert_opset, weight_refs
 from onnxopt.pipeline import Pass, PassContext, PassResult, matches_any, option, register_pass
 
 log = logging.getLogger(__name__)
@@ -342,7 +341,7 @@ class ShareWeightsPass(Pass):
         index_bits = 0
         upgraded = False
         if candidates and not opts.materialize:
-            index_bits, upgraded, notes = self._choose_index_bits(graph)
+            index_bits, upgraded, notes = self._choose_index_bits(graph, ctx.template)
             if upgraded:  # the graph was re-imported: find the tensors again
                 candidates, skipped = self._candidates(graph)
         self._names = set(graph.tensors())
@@ -398,7 +397,9 @@ class ShareWeightsPass(Pass):
 
     # ------------------------------------------------------------------ index type
 
-    def _choose_index_bits(self, graph: gs.Graph) -> tuple[int, bool, list[str]]:
+    def _choose_index_bits(
+        self, graph: gs.Graph, template: onnx.ModelProto
+    ) -> tuple[int, bool, list[str]]:
         """``(index bits, opset upgraded?, notes)``; may convert ``graph`` to opset 21."""
         opts = self.options
         wants_uint4 = opts.index_dtype == "uint4" or (opts.index_dtype == "auto" and opts.bits <= 4)
@@ -416,7 +417,7 @@ class ShareWeightsPass(Pass):
             if opts.index_dtype == "uint4":
                 raise UsageError(f"share-weights: index_dtype=uint4 with {message}")
             return 8, False, [message]
-        failure = upgrade_opset(graph, UINT4_OPSET)
+        failure = upgrade_opset(graph, UINT4_OPSET, template)
         if failure is None:
             _raise_ir_version(graph)
             return 4, True, [f"converted the model from opset {opset} to {UINT4_OPSET}"]
@@ -619,34 +620,13 @@ def _raise_ir_version(graph: gs.Graph) -> None:
         graph.ir_version = UINT4_IR
 
 
-def upgrade_opset(graph: gs.Graph, target: int) -> str | None:
-    """Convert ``graph`` in place to ``target`` with ``onnx.version_converter``.
-
-    The converter works on a ModelProto, so the graph is exported, converted, re-imported
-    and its contents swapped in. Returns None on success, else the reason (graph unchanged).
-    """
+def upgrade_opset(graph: gs.Graph, target: int, template: onnx.ModelProto) -> str | None:
+    """Convert ``graph`` in place to ``target``; None on success, else the reason
+    (graph unchanged)."""
     if graph.functions:
         return "the model has local functions, which onnx's version converter does not convert"
-    model = gs.export_onnx(graph.copy(), do_type_check=False)
     try:
-        converted = onnx.version_converter.convert_version(model, target)
-        onnx.checker.check_model(converted)
-    except Exception as exc:
-        return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    # The converter runs shape inference; keep only the value_info the model already had.
-    described = {
-        t.name
-        for t in graph.tensors().values()
-        if isinstance(t, gs.Variable) and (t.dtype is not None or t.shape is not None)
-    }
-    kept = [info for info in converted.graph.value_info if info.name in described]
-    del converted.graph.value_info[:]
-    converted.graph.value_info.extend(kept)
-    fresh = to_graph(converted)
-    graph.nodes = fresh.nodes
-    graph.inputs = fresh.inputs
-    graph.outputs = fresh.outputs
-    graph.opset = fresh.opset
-    graph.import_domains = fresh.import_domains
-    graph.ir_version = max(graph.ir_version or 0, fresh.ir_version or 0) or None
+        convert_opset(graph, target, template, validate=True)
+    except ValueError as exc:
+        return str(exc)
     return None

@@ -64,6 +64,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxopt import runtime
+from onnxopt.errors import first_line
 from onnxopt.graph import forget_shapes, is_topologically_sorted
 from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
 
@@ -154,7 +155,7 @@ class FoldConstantsPass(Pass):
                 )
         except Exception as exc:
             log.debug("fold-constants: batch evaluation failed", exc_info=True)
-            error = f"batch evaluation failed, folded node by node: {_first_line(exc)}"
+            error = f"batch evaluation failed, folded node by node: {first_line(exc)}"
             if error not in report.batch_errors:
                 report.batch_errors.append(error)
             self._fold_node_by_node(graph, report)
@@ -183,7 +184,7 @@ class FoldConstantsPass(Pass):
             try:
                 values = _evaluate_alone(node, graph)
             except Exception as exc:
-                report.skip(node, f"onnxruntime could not evaluate it: {_first_line(exc)}")
+                report.skip(node, f"onnxruntime could not evaluate it: {first_line(exc)}")
                 continue
             nbytes = sum(int(v.nbytes) for v in values.values())
             if nbytes > self.options.size_threshold:
@@ -298,7 +299,7 @@ def _inferred_dims(
         model = gs.export_onnx(probe, do_type_check=False)
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception as exc:
-        report.batch_errors.append(f"shape inference failed, shapes not folded: {_first_line(exc)}")
+        report.batch_errors.append(f"shape inference failed, shapes not folded: {first_line(exc)}")
         return {}
     found: dict[str, list[int | None]] = {}
     graph_info = inferred.graph
@@ -429,11 +430,6 @@ def _count_nodes(graph: gs.Graph) -> int:
     for node in graph.nodes:
         total += sum(len(sub.nodes) for sub in node.subgraphs(recursive=True))
     return total
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def _result(report: FoldReport) -> PassResult:

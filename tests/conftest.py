@@ -50,3 +50,23 @@ def seeded_feeds(model: onnx.ModelProto, count: int = 4, seed: int = 0) -> list[
 @pytest.fixture
 def cnn_path() -> Path:
     return model_path("digits_cnn")
+
+
+def apply_pass(name: str, model: onnx.ModelProto, **options):
+    """Run one pass directly on ``model``, as the PassManager would, minus the checks.
+    Returns ``(model, PassResult)``."""
+    from onnxopt.graph import to_graph, to_model
+    from onnxopt.pipeline import PassContext, get_pass, make_options
+
+    cls = get_pass(name)
+    graph = to_graph(model)
+    ctx = PassContext(
+        calibration=[],
+        rng=np.random.default_rng(0),
+        seed=0,
+        template=model,
+        original=model,
+        budget=cls.budget(),
+    )
+    result = cls(make_options(cls, options)).run(graph, ctx)
+    return to_model(graph, model), result

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
-from conftest import MODELS, accuracy, model_path, run, seeded_feeds
+from conftest import MODELS, accuracy, apply_pass, model_path, run, seeded_feeds
 from onnx import numpy_helper
 
 import onnxopt
@@ -19,7 +19,7 @@ from onnxopt.passes.codebook import (  # importing it registers share-weights
     kmeans_1d,
     pack_uint4,
 )
-from onnxopt.pipeline import PassContext, PassResult, get_pass, make_options
+from onnxopt.pipeline import PassResult, get_pass, make_options
 from onnxopt.runtime import make_session, run_samples
 
 TRAIN = str(MODELS / "digits_train.npz")
@@ -35,18 +35,7 @@ def load(name: str) -> onnx.ModelProto:
 
 def apply(model: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, PassResult]:
     """Run share-weights directly on ``model`` (no checks), as the PassManager would."""
-    cls = get_pass("share-weights")
-    graph = to_graph(model)
-    ctx = PassContext(
-        calibration=[],
-        rng=np.random.default_rng(0),
-        seed=0,
-        template=model,
-        original=model,
-        budget=cls.budget(),
-    )
-    result = cls(make_options(cls, options)).run(graph, ctx)
-    return to_model(graph, model), result
+    return apply_pass("share-weights", model, **options)
 
 
 def ops(model: onnx.ModelProto) -> list[str]:

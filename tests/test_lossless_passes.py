@@ -7,15 +7,15 @@ import onnx
 import onnx.parser
 import onnx_graphsurgeon as gs
 import pytest
-from conftest import MODELS, digits, run
+from conftest import MODELS, apply_pass, digits, run
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
 from onnxopt.check import assert_equivalent
 from onnxopt.data import prepare_samples
 from onnxopt.errors import UsageError
-from onnxopt.graph import to_graph, to_model
-from onnxopt.pipeline import PassContext, PassResult, Pipeline, get_pass, make_options
+from onnxopt.graph import to_graph
+from onnxopt.pipeline import Pipeline, get_pass
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -35,20 +35,7 @@ def build(text: str, seed: int = 0, **weights: np.ndarray | tuple[int, ...]) -> 
     return model
 
 
-def apply(name: str, model: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, PassResult]:
-    """Run one pass directly on ``model``, as the PassManager would, minus the checks."""
-    cls = get_pass(name)
-    graph = to_graph(model)
-    ctx = PassContext(
-        calibration=[],
-        rng=np.random.default_rng(0),
-        seed=0,
-        template=model,
-        original=model,
-        budget=cls.budget(),
-    )
-    result = cls(make_options(cls, options)).run(graph, ctx)
-    return to_model(graph, model), result
+apply = apply_pass
 
 
 def feeds(model: onnx.ModelProto, count: int = 4, **shapes: tuple[int, ...]) -> list[dict]:

@@ -34,7 +34,7 @@ from onnx import numpy_helper
 from onnxopt import graph as graph_utils
 from onnxopt import runtime
 from onnxopt.check import LOSSLESS_BUDGET, compare_outputs
-from onnxopt.errors import ModelError, UsageError
+from onnxopt.errors import ModelError, UsageError, first_line
 from onnxopt.model import opset_version
 from onnxopt.train import student as student_graph
 
@@ -94,7 +94,7 @@ def _convert_opset(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto,
         raise UsageError(
             f"cannot convert the student from opset {opset} to opset {target} for "
             f"onnxruntime-training (which reads opsets {MIN_OPSET}-{MAX_OPSET} here): "
-            + str(exc).strip().splitlines()[0]
+            + first_line(exc, 10_000)
         ) from None
     return converted, target
 
@@ -123,8 +123,7 @@ def _check(model, trainable, base, samples) -> None:
         onnx.checker.check_model(model)
     except Exception as exc:
         raise ModelError(
-            "the training copy of the student fails onnx.checker: "
-            + str(exc).strip().splitlines()[0]
+            "the training copy of the student fails onnx.checker: " + first_line(exc, 10_000)
         ) from None
     names = {t.name: tuple(t.dims) for t in model.graph.initializer}
     original = {t.name: tuple(t.dims) for t in base.graph.initializer}
@@ -140,8 +139,7 @@ def _check(model, trainable, base, samples) -> None:
         got = runtime.run_samples(runtime.make_session(model), samples)
     except Exception as exc:
         raise ModelError(
-            "onnxruntime cannot run the training copy of the student: "
-            + str(exc).strip().splitlines()[0]
+            "onnxruntime cannot run the training copy of the student: " + first_line(exc, 10_000)
         ) from None
     metrics = compare_outputs(reference, got, LOSSLESS_BUDGET.tolerance)
     problems = LOSSLESS_BUDGET.violations(metrics)

@@ -47,7 +47,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import UsageError
-from onnxopt.graph import copy_graph
+from onnxopt.graph import replace_contents
 from onnxopt.passes.quantize import calibrate, fallback, gptq, numerics, qdq, speed, upgrade
 from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
 
@@ -133,7 +133,7 @@ class Job:
     def build(self, float_nodes: frozenset[str]) -> Built:
         """The int8 graph with ``float_nodes`` (and the user's exclusions) kept float."""
         opts = self.options
-        candidate = copy_graph(self.float_graph)
+        candidate = self.float_graph.copy()
         selection = qdq.Selection(
             tuple(opts.op_types), tuple(opts.exclude), float_nodes, opts.activations,
             opts.matmul_activations,
@@ -224,7 +224,7 @@ class QuantizeInt8Pass(Pass):
         upgraded = self._try_upgrade(graph, ctx, notes)
         if opts.weights_only:
             return self._weights_only(graph, notes, upgraded)
-        job = Job(ctx, opts, copy_graph(graph), notes, upgraded)
+        job = Job(ctx, opts, graph.copy(), notes, upgraded)
         built = job.build(frozenset())
         job.details["skipped"] = built.plan.skipped
         if not built.plan.core():
@@ -246,7 +246,7 @@ class QuantizeInt8Pass(Pass):
                     "speed=auto: int8 is not faster than fp32 here (profiled per node, "
                     f"whole model {outcome.ratio:.2f}x fp32); model left float"
                 )
-        upgrade.replace_contents(graph, built.graph)
+        replace_contents(graph, built.graph)
         return job.finish(graph, built)
 
     def _try_upgrade(self, graph: gs.Graph, ctx: PassContext, notes: list[str]) -> int | None:

@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import runtime
 from onnxopt.errors import UsageError
-from onnxopt.graph import to_graph
+from onnxopt.graph import convert_opset
 from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
@@ -41,27 +41,12 @@ def upgrade_graph(graph: gs.Graph, ctx: PassContext, target: int) -> int | None:
     old = default_opset(graph)
     if old >= target:
         return None
-    model = ctx.to_model(graph)
     try:
-        converted = onnx.version_converter.convert_version(model, target)
-    except Exception as exc:  # onnx raises RuntimeError/ConvertError with the op name
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot upgrade opset {old} -> {target}: {first}") from None
-    replace_contents(graph, to_graph(converted))
+        convert_opset(graph, target, ctx.template)
+    except ValueError as exc:
+        raise UsageError(f"cannot upgrade opset {old} -> {target}: {exc}") from None
     log.info("upgraded opset %d -> %d", old, target)
     return old
-
-
-def replace_contents(graph: gs.Graph, source: gs.Graph) -> None:
-    """Make ``graph`` hold ``source``'s nodes, inputs, outputs and opsets, in place."""
-    graph.nodes = source.nodes
-    graph.inputs = source.inputs
-    graph.outputs = source.outputs
-    graph.opset = source.opset
-    graph.import_domains = source.import_domains
-    for key, value in vars(source).items():
-        if key.startswith("_onnxopt"):  # onnxopt's per-graph data (input defaults)
-            setattr(graph, key, value)
 
 
 def check_upgrade(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext) -> float:
