@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,26 +13,44 @@ import onnx
 from onnxopt.check import Budget
 from onnxopt.data import prepare_samples
 from onnxopt.errors import UsageError
-from onnxopt.model import LoadedModel, load_model, save_model
+from onnxopt.model import LoadedModel, inline_stored, load_model, save_model
 from onnxopt.pipeline import PassManager, Pipeline, RunOutcome, load_pipeline_file
 from onnxopt.progress import Progress
 from onnxopt.report import build_report
+from onnxopt.store import spill_threshold
 
 
 @dataclass
 class Result:
-    """The optimized model, the run's report and where the model came from."""
+    """The optimized model, the run's report and where the model came from.
 
-    model: onnx.ModelProto
+    For a large model (weights kept on disk during the run, see onnxopt.store)
+    ``save`` streams the weights from the run's store to the output, while ``model``
+    reads them all back into memory on first access; ``close()`` (or dropping the
+    Result) deletes the store.
+    """
+
     report: dict[str, Any]
     outcome: RunOutcome
     source: LoadedModel
+    _model: onnx.ModelProto | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self._model is None:
+            self._model = inline_stored(self.outcome.model)
+        return self._model
 
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
         protect = list(self.source.external_files)
         if self.source.path is not None:
             protect.append(self.source.path)
-        return save_model(self.model, path, external_data=external_data, protect=protect)
+        return save_model(self.outcome.model, path, external_data=external_data, protect=protect)
+
+    def close(self) -> None:
+        """Delete the run's weight store (large models); ``model`` stays usable if read."""
+        if self.outcome.store is not None:
+            self.outcome.store.close()
 
     @property
     def steps(self) -> list[dict[str, Any]]:
@@ -81,7 +99,7 @@ def optimize(
     budget = pick(budget, "budget", None)
     if isinstance(budget, str):
         budget = Budget.parse(budget)
-    loaded = load_model(model)
+    loaded = load_model(model, lazy_over=spill_threshold())
     samples = prepare_samples(
         loaded.proto,
         pick(data, "data", None),
@@ -97,6 +115,12 @@ def optimize(
         seed=seed,
         progress=Progress(enabled=progress),
     )
-    outcome = manager.run(loaded.proto, samples.calibration, samples.validation, samples.source)
+    outcome = manager.run(
+        loaded.proto,
+        samples.calibration,
+        samples.validation,
+        samples.source,
+        base_dir=loaded.base_dir,
+    )
     report = build_report(outcome, input=str(loaded.path) if loaded.path else None, seed=seed)
-    return Result(model=outcome.model, report=report, outcome=outcome, source=loaded)
+    return Result(report=report, outcome=outcome, source=loaded)

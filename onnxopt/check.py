@@ -274,15 +274,26 @@ class StructuralReport:
 def structural_checks(model: onnx.ModelProto) -> tuple[StructuralReport, onnx.ModelProto | None]:
     """onnx full checker + strict shape inference. Returns the report and the inferred
     model (None when inference failed)."""
-    from onnxopt.model import EXTERNAL_DATA_THRESHOLD, densify_sparse_initializers, proto_nbytes
+    from onnxopt.model import (
+        EXTERNAL_DATA_THRESHOLD,
+        densify_sparse_initializers,
+        has_stored,
+        materialized,
+        proto_nbytes,
+    )
 
     report = StructuralReport()
     inferred = None
-    if proto_nbytes(model) > EXTERNAL_DATA_THRESHOLD:
+    stored = has_stored(model)
+    if not stored and proto_nbytes(model) > EXTERNAL_DATA_THRESHOLD:
         report.failures["checker"] = "skipped: model over 2 GB (checked by onnxruntime only)"
         return report, None
     try:
-        onnx.checker.check_model(model, full_check=False)
+        if stored:  # weights on disk (onnxopt.store): the checker reads the light model
+            with materialized(model) as path:
+                onnx.checker.check_model(path, full_check=False)
+        else:
+            onnx.checker.check_model(model, full_check=False)
     except Exception as exc:
         report.failures["checker"] = first_line(exc)
     try:

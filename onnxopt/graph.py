@@ -20,7 +20,8 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import SparseValues
 
-from onnxopt.model import sparse_to_dense
+from onnxopt.model import sparse_to_dense, stored_path, without_initializers
+from onnxopt.store import active_store, wrap_stored
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """
     graph = gs.import_onnx(model)
     _keep_sparse_dtypes(graph)
+    wrap_stored(graph)
     if model.ir_version >= 4:
         _keep_overridable_inputs(graph, model)
     lifted = lift_constant_nodes(graph)
@@ -108,11 +110,18 @@ def iter_nodes(graph: gs.Graph):
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export ``graph``; restore what graphsurgeon does not carry: model-level fields,
     default values of overridable inputs (taken from ``template``, the model the graph
-    was imported from), and outer-scope weights it copies into subgraph bodies."""
+    was imported from), and outer-scope weights it copies into subgraph bodies.
+
+    During a run whose weights are on disk (``onnxopt.store``), the graph's new weight
+    arrays are first written to the run's store and replaced by stubs (in ``graph``
+    itself: pass a copy to keep the arrays), so the exported model is light."""
     if (graph.ir_version or template.ir_version) < 4:
         # IR 3 requires every initializer to be listed as a graph input; lifting
         # Constant nodes would break that. IR 4 drops the rule and runs everywhere.
         graph.ir_version = 4
+    store = active_store()
+    if store is not None:  # a large model's run: new weight arrays go to disk first
+        store.spill_graph(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     _restore_input_defaults(model, template)
     _hoist_outer_initializers(model, template)
@@ -189,13 +198,18 @@ def convert_opset(
     """
     from onnxopt.errors import first_line
 
-    model = to_model(graph.copy(), template)
+    model, stubs, added = _detach_stored(to_model(graph.copy(), template))
     try:
         converted = onnx.version_converter.convert_version(model, target)
         if validate:
             onnx.checker.check_model(converted)
     except Exception as exc:  # onnx raises RuntimeError/ConvertError naming the op
         raise ValueError(first_line(exc, 200)) from None
+    if stubs:
+        inputs = [v for v in converted.graph.input if v.name not in added]
+        del converted.graph.input[:]
+        converted.graph.input.extend(inputs)
+        converted.graph.initializer.extend(stubs)
     described = {
         t.name
         for t in graph.tensors().values()
@@ -205,6 +219,25 @@ def convert_opset(
     del converted.graph.value_info[:]
     converted.graph.value_info.extend(kept)
     replace_contents(graph, to_graph(converted))
+
+
+def _detach_stored(model: onnx.ModelProto):
+    """For onnx tools that read every initializer (version converter, checker):
+    ``(view, stubs, added)``, the model with its stored (on-disk) weights turned into
+    typed graph inputs, the stubs to put back and the names of the inputs added.
+    Returns ``(model, [], set())`` when nothing is stored."""
+    stubs = [t for t in model.graph.initializer if stored_path(t) is not None]
+    if not stubs:
+        return model, [], set()
+    view = without_initializers(model)
+    view.graph.initializer.extend(t for t in model.graph.initializer if stored_path(t) is None)
+    declared = {v.name for v in view.graph.input}
+    view.graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in stubs
+        if t.name not in declared
+    )
+    return view, stubs, {t.name for t in stubs} - declared
 
 
 def lift_constant_nodes(graph: gs.Graph) -> int:

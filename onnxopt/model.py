@@ -49,6 +49,7 @@ class LoadedModel:
     proto: onnx.ModelProto
     path: Path | None = None
     external_files: list[Path] = field(default_factory=list)
+    lazy: bool = False  # main-graph external initializers left on disk (see load_model)
 
     @property
     def base_dir(self) -> Path | None:
@@ -58,14 +59,22 @@ class LoadedModel:
 # ---------------------------------------------------------------------------- load
 
 
-def load_model(source: str | os.PathLike | onnx.ModelProto | LoadedModel) -> LoadedModel:
-    """Load ``source`` with its external data, refusing unsafe or inconsistent files."""
+def load_model(
+    source: str | os.PathLike | onnx.ModelProto | LoadedModel, *, lazy_over: int | None = None
+) -> LoadedModel:
+    """Load ``source`` with its external data, refusing unsafe or inconsistent files.
+
+    ``lazy_over``: when the main graph's external initializers hold at least this many
+    bytes, leave them on disk (their stubs stay in ``proto``, relative to
+    ``base_dir``; ``lazy`` is set). ``PassManager.run(base_dir=)`` streams them into
+    its weight store instead of holding a second copy in memory.
+    """
     if isinstance(source, LoadedModel):
         return source
     if isinstance(source, onnx.ModelProto):
         _check_model_header(source, "<in-memory model>")
         validate_tensors(source, "<in-memory model>")
-        if any(_is_external(t) for t in iter_tensors(source)):
+        if any(_is_external(t) and stored_path(t) is None for t in iter_tensors(source)):
             raise ModelError(
                 "in-memory model refers to external data but has no folder to read it from; "
                 "pass the model's path instead"
@@ -83,12 +92,22 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | LoadedModel) -> Loa
     _check_model_header(proto, str(path))
     validate_tensors(proto, str(path))
     external = validate_external_data(proto, path.parent, where=str(path))
+    lazy = False
     if external:
+        lazy = lazy_over is not None and (
+            sum(tensor_nbytes(t) for t in proto.graph.initializer if _is_external(t)) >= lazy_over
+        )
         try:
-            onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
+            for tensor in _non_initializer_tensors(proto) if lazy else iter_tensors(proto):
+                if _is_external(tensor):
+                    onnx.external_data_helper.load_external_data_for_tensor(
+                        tensor, str(path.parent)
+                    )
+                    tensor.ClearField("data_location")
+                    del tensor.external_data[:]
         except Exception as exc:
             raise ModelError(f"{path}: cannot read external data ({first_line(exc)})") from exc
-    return LoadedModel(proto=proto, path=path.resolve(), external_files=external)
+    return LoadedModel(proto=proto, path=path.resolve(), external_files=external, lazy=lazy)
 
 
 def _check_model_header(proto: onnx.ModelProto, where: str) -> None:
@@ -104,6 +123,18 @@ def _check_model_header(proto: onnx.ModelProto, where: str) -> None:
 def iter_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
     """Every TensorProto in the model: initializers, sparse values, attributes, subgraphs."""
     yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _non_initializer_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """``iter_tensors`` without the main graph's initializers."""
+    for sparse in model.graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in model.graph.node:
+        yield from _node_tensors(node)
     for function in model.functions:
         for node in function.node:
             yield from _node_tensors(node)
@@ -412,20 +443,27 @@ EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the .onnx file
 
 def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` without its main-graph initializers, built field by field so
-    the weights are never copied (``CopyFrom`` would copy them all)."""
+    the weights are never copied (``CopyFrom`` would copy them all). Only fields that
+    are set are copied: proto2 serializes a field set to its default."""
     light = onnx.ModelProto()
-    for name in ("ir_version", "producer_name", "producer_version", "domain",
-                 "model_version", "doc_string"):  # fmt: skip
-        setattr(light, name, getattr(model, name))
-    light.opset_import.extend(model.opset_import)
-    light.metadata_props.extend(model.metadata_props)
-    light.functions.extend(model.functions)
-    graph, source = light.graph, model.graph
-    graph.name, graph.doc_string = source.name, source.doc_string
-    for name in ("node", "input", "output", "value_info", "sparse_initializer",
-                 "quantization_annotation"):  # fmt: skip
-        getattr(graph, name).extend(getattr(source, name))
+    _copy_fields(model, light, skip="graph")
+    _copy_fields(model.graph, light.graph, skip="initializer")
     return light
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        if descriptor.is_repeated:
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            getattr(target, descriptor.name).CopyFrom(value)
+        else:
+            try:
+                setattr(target, descriptor.name, value)
+            except UnicodeDecodeError:  # proto2 text that is not UTF-8 comes back as bytes
+                setattr(target, descriptor.name, value.decode("utf-8", errors="replace"))
 
 
 def write_external(model: onnx.ModelProto, path: Path) -> str:
@@ -446,24 +484,26 @@ def write_external(model: onnx.ModelProto, path: Path) -> str:
     locations = []
     with open(partial, "wb") as data:
         for tensor in source.initializer:
-            if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
+            stored = stored_path(tensor)
+            if stored is None and (
+                not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_MIN_BYTES
+            ):
                 graph.initializer.append(tensor)
                 continue
-            stub = graph.initializer.add()
-            stub.name, stub.data_type = tensor.name, tensor.data_type
-            stub.doc_string = tensor.doc_string
-            stub.dims.extend(tensor.dims)
-            raw = tensor.raw_data
             offset = data.tell()
-            chunk = raw + b"\0" * (-len(raw) % 4096)  # page-aligned offsets (mmap-friendly)
-            data.write(chunk)
-            digest.update(chunk)
-            stub.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", ""), ("offset", offset), ("length", len(raw))):
-                entry = stub.external_data.add()
-                entry.key, entry.value = key, str(value)
-            locations.append(stub.external_data[0])
-            del raw, chunk
+            if stored is None:
+                length = len(tensor.raw_data)
+                chunks: Iterator[bytes] = iter((tensor.raw_data,))
+            else:
+                length = external_range(tensor)[1]
+                chunks = iter_stored_chunks(tensor)
+            for chunk in chunks:
+                data.write(chunk)
+                digest.update(chunk)
+            padding = b"\0" * (-length % 4096)  # page-aligned offsets (mmap-friendly)
+            data.write(padding)
+            digest.update(padding)
+            locations.append(_external_stub(graph.initializer.add(), tensor, "", offset, length))
     data_name = f"{path.name}.{digest.hexdigest()[:12]}.data"
     os.replace(partial, path.with_name(data_name))
     for entry in locations:
@@ -472,7 +512,154 @@ def write_external(model: onnx.ModelProto, path: Path) -> str:
     return data_name
 
 
+def _external_stub(
+    stub: TensorProto, tensor: TensorProto, location: str, offset: int, length: int
+) -> onnx.StringStringEntryProto:
+    """Fill ``stub`` as ``tensor`` stored at ``location[offset:offset+length]``; return
+    its ``location`` entry (the caller may rename the file afterwards)."""
+    _copy_header(stub, tensor)
+    stub.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = stub.external_data.add()
+        entry.key, entry.value = key, str(value)
+    return stub.external_data[0]
+
+
+# ---------------------------------------------------------------------------- stored weights
+#
+# A large model's weights live in data files of a run-scoped folder (onnxopt.store)
+# instead of in memory: its initializers are standard external-data stubs whose
+# ``location`` is a file name that is unique in the process and registered here with
+# its folder. Everything that reads tensor bytes (sessions, saving, sizes, graph
+# import) resolves stubs through this registry.
+
+_STORED_FILES: dict[str, Path] = {}  # data file name -> folder holding it
+
+
+def register_stored_file(name: str, folder: Path) -> None:
+    _STORED_FILES[name] = folder
+
+
+def forget_stored_file(name: str) -> None:
+    _STORED_FILES.pop(name, None)
+
+
+def stored_path(tensor: TensorProto) -> Path | None:
+    """The data file of a stored tensor's stub, or None for any other tensor."""
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return None
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            folder = _STORED_FILES.get(entry.value)
+            return folder / entry.value if folder is not None else None
+    return None
+
+
+def external_range(tensor: TensorProto) -> tuple[int, int]:
+    """(offset, length) of an external tensor; length defaults to the dims' size."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    offset = int(info.get("offset") or 0)
+    length = int(info["length"]) if info.get("length") else tensor_nbytes(tensor)
+    return offset, length
+
+
+def iter_stored_chunks(tensor: TensorProto, chunk: int = 1 << 24) -> Iterator[bytes]:
+    path = stored_path(tensor)
+    if path is None:
+        raise ValueError(f"tensor {tensor.name!r} is not a stored tensor")
+    offset, length = external_range(tensor)
+    with open(path, "rb") as file:
+        file.seek(offset)
+        while length > 0:
+            block = file.read(min(chunk, length))
+            if not block:
+                raise ModelError(f"stored data of tensor {tensor.name!r} is truncated ({path})")
+            length -= len(block)
+            yield block
+
+
+def read_stored_array(tensor: TensorProto) -> np.ndarray:
+    """A stored tensor's values as a new, writable array (one copy, straight from disk)."""
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    dims = tuple(int(d) for d in tensor.dims)
+    if dtype.kind in "biuf" and tensor.data_type not in _SUB_BYTE_BITS:
+        offset, length = external_range(tensor)
+        with open(stored_path(tensor), "rb") as file:  # type: ignore[arg-type]
+            file.seek(offset)
+            array = np.fromfile(file, dtype=dtype, count=length // dtype.itemsize)
+        return array.reshape(dims)
+    full = _inlined(tensor)  # packed sub-byte and ml_dtypes types: onnx decodes them
+    return np.array(numpy_helper.to_array(full))
+
+
+def _copy_header(target: TensorProto, tensor: TensorProto) -> None:
+    """Name, type, dims and doc string, setting only the fields ``tensor`` has (proto2
+    serializes a field that was set, even to its default)."""
+    target.name, target.data_type = tensor.name, tensor.data_type
+    target.dims.extend(tensor.dims)
+    if tensor.HasField("doc_string"):
+        target.doc_string = tensor.doc_string
+
+
+def _inlined(tensor: TensorProto) -> TensorProto:
+    full = TensorProto()
+    _copy_header(full, tensor)
+    full.raw_data = b"".join(iter_stored_chunks(tensor))
+    return full
+
+
+def stored_nbytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's stored (on-disk) initializers."""
+    return sum(tensor_nbytes(t) for t in model.graph.initializer if stored_path(t) is not None)
+
+
+def has_stored(model: onnx.ModelProto) -> bool:
+    return any(stored_path(t) is not None for t in model.graph.initializer)
+
+
+def stored_folder(model: onnx.ModelProto) -> Path | None:
+    """The one folder the model's stored tensors live in (None if it has none)."""
+    folders = {p.parent for t in model.graph.initializer if (p := stored_path(t)) is not None}
+    if len(folders) > 1:
+        raise ValueError(f"model's stored weights span several folders: {sorted(folders)}")
+    return folders.pop() if folders else None
+
+
+def inline_stored(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` itself if it has no stored tensors, else a copy with their bytes read
+    back into ``raw_data`` (an ordinary in-memory model)."""
+    if not has_stored(model):
+        return model
+    full = without_initializers(model)
+    for tensor in model.graph.initializer:
+        full.graph.initializer.append(_inlined(tensor) if stored_path(tensor) else tensor)
+    return full
+
+
+def _varint_len(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _field_len(payload: int) -> int:
+    return 1 + _varint_len(payload) + payload  # one-byte tag: field numbers below 16
+
+
+def _stored_model_nbytes(model: onnx.ModelProto) -> int:
+    """Exact size the model would serialize to with its stored tensors inlined."""
+    graph_size = model.graph.ByteSize()
+    full_graph = graph_size
+    for tensor in model.graph.initializer:
+        if stored_path(tensor) is None:
+            continue
+        bare = TensorProto()
+        _copy_header(bare, tensor)
+        inlined = bare.ByteSize() + _field_len(external_range(tensor)[1])
+        full_graph += _field_len(inlined) - _field_len(tensor.ByteSize())
+    return model.ByteSize() - _field_len(graph_size) + _field_len(full_graph)
+
+
 def serialize(model: onnx.ModelProto) -> bytes:
+    model = inline_stored(model)
     try:
         return model.SerializeToString()
     except ValueError as exc:  # protobuf refuses messages over 2 GB
@@ -492,6 +679,8 @@ def proto_nbytes(model: onnx.ModelProto) -> int:
     whole message (a transient copy of the model), so the size is the tensors' bytes
     from their dims plus the exact size of everything else.
     """
+    if has_stored(model):
+        return _stored_model_nbytes(model)
     tensor_bytes = sum(tensor_nbytes(t) for t in model.graph.initializer)
     if tensor_bytes <= EXACT_SIZE_LIMIT:
         try:
@@ -516,7 +705,18 @@ def compressed_size(model: onnx.ModelProto, level: int = 6) -> int:
 @contextlib.contextmanager
 def materialized(model: onnx.ModelProto) -> Iterator[str | bytes]:
     """Yield something ``onnxruntime.InferenceSession`` accepts: bytes, or a temp path
-    with external data for models over the protobuf limit."""
+    with external data for models over the protobuf limit. A model with stored weights
+    is written (without them) next to its data files: onnxruntime maps those."""
+    folder = stored_folder(model)
+    if folder is not None:
+        descriptor, name = tempfile.mkstemp(prefix="model-", suffix=".onnx", dir=folder)
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(model.SerializeToString())
+            yield name
+        finally:
+            os.unlink(name)
+        return
     if proto_nbytes(model) <= EXTERNAL_DATA_THRESHOLD:
         yield serialize(model)
         return

@@ -12,9 +12,11 @@ touched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import logging
+import os
 import re
 import time
 import traceback
@@ -22,6 +24,7 @@ import types
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -48,8 +51,9 @@ from onnxopt.errors import (
     UsageError,
     first_line,
 )
-from onnxopt.model import compressed_size, proto_nbytes
+from onnxopt.model import compressed_size, proto_nbytes, stored_path, tensor_nbytes
 from onnxopt.progress import SILENT, Progress
+from onnxopt.store import WeightStore, spill_threshold
 
 log = logging.getLogger(__name__)
 
@@ -512,6 +516,19 @@ class RunOutcome:
     data_source: str
     seconds: float
     aborted: bool = False
+    store: WeightStore | None = None  # where ``model``'s weights live, for large models
+
+
+def needs_store(model: onnx.ModelProto, threshold: int | None = None) -> bool:
+    """Whether a run keeps ``model``'s weights on disk: its initializers reach the
+    spill threshold, or it was loaded without its external data (``load_model(lazy=)``)."""
+    threshold = spill_threshold() if threshold is None else threshold
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and stored_path(tensor) is None:
+            return True
+        total += tensor_nbytes(tensor)
+    return total >= threshold
 
 
 class PassManager:
@@ -549,7 +566,31 @@ class PassManager:
         calibration: list[Feed],
         validation: list[Feed],
         data_source: str = "",
+        base_dir: str | os.PathLike | None = None,
     ) -> RunOutcome:
+        """Run the pipeline. ``base_dir`` is the folder of a model loaded without its
+        external data. Large models run with their weights on disk (onnxopt.store):
+        the outcome's model then refers to ``outcome.store`` until that is closed."""
+        store = None
+        if needs_store(model):
+            store = WeightStore()
+            log.info("weights on disk in %s (large model)", store.folder)
+            model = store.adopt(model, Path(base_dir) if base_dir is not None else None)
+        with store.activated() if store is not None else contextlib.nullcontext():
+            try:
+                outcome = self._run(model, calibration, validation, data_source, store)
+            except CheckFailed as exc:
+                if exc.outcome is not None:
+                    exc.outcome.store = store
+                raise
+            except BaseException:
+                if store is not None:
+                    store.close()
+                raise
+        outcome.store = store
+        return outcome
+
+    def _run(self, model, calibration, validation, data_source, store) -> RunOutcome:
         start = time.perf_counter()
         baseline, _ = structural_checks(model)
         for check, message in baseline.failures.items():
@@ -579,6 +620,8 @@ class PassManager:
             elif record.status == "rolled back" and self.on_fail == "abort":
                 aborted = True
                 break
+            if store is not None:  # data files of rolled-back or superseded candidates
+                store.collect([state.original, state.accepted])
         outcome = RunOutcome(
             model=state.accepted,
             steps=records,

@@ -16,11 +16,14 @@ import onnxruntime as ort
 from onnxopt.model import (
     densify_sparse_initializers,
     materialized,
+    stored_nbytes,
     tensor_nbytes,
     without_initializers,
 )
 
 Feed = Mapping[str, np.ndarray]
+
+NO_PREPACK_BYTES = 256 * 2**20
 
 # onnxruntime's default logger prints optimizer chatter ("cannot remove node") to
 # stderr from sessions graphsurgeon and the checks create; errors still raise.
@@ -46,6 +49,11 @@ def make_session(
         options.inter_op_num_threads = 1
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
+    if not optimize and stored_nbytes(model) >= NO_PREPACK_BYTES:
+        # weights on disk (onnxopt.store): onnxruntime maps them, and pre-packing would
+        # copy every MatMul/Conv weight into its own layout (checks run a few samples,
+        # so what packing saves is not worth a second copy of a large model)
+        options.add_session_config_entry("session.disable_prepacking", "1")
     with materialized(model) as source:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 

@@ -20,6 +20,7 @@ per row.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -34,7 +35,8 @@ import onnx
 from onnxopt import runtime
 from onnxopt.data import Feed, input_specs, load_samples
 from onnxopt.errors import DataError, ModelError, UsageError
-from onnxopt.model import LoadedModel, load_model, save_model
+from onnxopt.model import LoadedModel, inline_stored, load_model, save_model
+from onnxopt.store import in_memory
 from onnxopt.train import client, convert, env
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,19 @@ class DistillResult:
         }
 
 
+def _models_in_memory(function):
+    """Training needs every weight byte (opset conversion, checker, the adjunct): run
+    with the large-run weight store suspended (onnxopt.store.in_memory)."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with in_memory():
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+@_models_in_memory
 def distill(
     teacher: str | os.PathLike | onnx.ModelProto,
     student: str | os.PathLike | onnx.ModelProto,
@@ -211,6 +226,8 @@ def _merge_options(options: DistillOptions | None, overrides: Mapping[str, Any])
 
 
 def _load(source, what: str) -> LoadedModel:
+    if isinstance(source, onnx.ModelProto):  # weights on disk in a large run: training
+        source = inline_stored(source)  # and its opset conversion need them in memory
     try:
         return load_model(source)
     except ModelError as exc:
