@@ -9,6 +9,7 @@ metadata, doc strings, model version).
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ import onnx
 import onnx.version_converter
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
-from onnx_graphsurgeon.ir.tensor import SparseValues
+from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from onnxopt.model import sparse_to_dense, stored_path, without_initializers
 from onnxopt.store import active_store, wrap_stored
@@ -47,6 +49,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     to be listed as an input, so there the listing means nothing and is dropped.
     """
     graph = gs.import_onnx(model)
+    _keep_io_declarations(graph, model)
     _keep_sparse_dtypes(graph)
     wrap_stored(graph)
     if model.ir_version >= 4:
@@ -63,6 +66,22 @@ class _SparseValues(SparseValues):
 
     def load(self) -> np.ndarray:
         return sparse_to_dense(self.tensor)
+
+
+def _keep_io_declarations(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """graphsurgeon lets a ``value_info`` entry for a graph input/output override the
+    input/output's own declaration; onnxruntime does the opposite (and a stale or
+    contradicting ``value_info`` would then change the model's interface on export)."""
+    named = {v.name for v in model.graph.value_info}
+    declared = [v for v in (*model.graph.input, *model.graph.output) if v.name in named]
+    if not declared:
+        return
+    tensors = {t.name: t for t in (*graph.inputs, *graph.outputs)}
+    for value in declared:
+        tensor = tensors.get(value.name)
+        if tensor is not None and value.type.HasField("tensor_type"):
+            tensor.dtype = get_onnx_tensor_dtype(value)
+            tensor.shape = get_onnx_tensor_shape(value)
 
 
 def _keep_sparse_dtypes(graph: gs.Graph) -> None:
@@ -122,6 +141,7 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     store = active_store()
     if store is not None:  # a large model's run: new weight arrays go to disk first
         store.spill_graph(graph)
+    _detach_renamed_constants(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     _restore_input_defaults(model, template)
     _hoist_outer_initializers(model, template)
@@ -134,6 +154,35 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
         model.producer_name = template.producer_name
         model.producer_version = template.producer_version
     return model
+
+
+def _detach_renamed_constants(graph: gs.Graph) -> None:
+    """graphsurgeon exports a lazily loaded constant as the TensorProto it was imported
+    from, renaming that proto *in place* — the proto belongs to the model the graph was
+    imported from (the run's accepted snapshot). A constant a pass renamed gets its own
+    copy of the proto first, so the snapshot keeps its names."""
+    for sub in _all_graphs(graph):
+        for tensor in sub.tensors().values():
+            values = getattr(tensor, "_values", None)
+            if (
+                isinstance(values, LazyValues)
+                and isinstance(values.tensor, onnx.TensorProto)
+                and values.tensor.name != tensor.name
+            ):
+                proto = onnx.TensorProto()
+                proto.CopyFrom(values.tensor)
+                detached = copy.copy(values)
+                detached.tensor = proto
+                tensor._values = detached
+
+
+def _all_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    yield graph
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, list) else [value]:
+                if isinstance(sub, gs.Graph):
+                    yield from _all_graphs(sub)
 
 
 def _restore_input_defaults(model: onnx.ModelProto, template: onnx.ModelProto) -> None:

@@ -83,7 +83,16 @@ def run_samples(
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of ``model`` whose graph also outputs the intermediate tensors ``names``."""
     model = toposorted(model)  # shape inference types nothing past an out-of-order node
-    inferred = onnx.shape_inference.infer_shapes(typed_view(densify_sparse_initializers(model)))
+    wanted = set(names)
+    view = typed_view(densify_sparse_initializers(model))
+    if any(info.name in wanted for info in view.graph.value_info):
+        # a declared value_info may be stale or wrong (onnxruntime ignores it for
+        # intermediates, but not once the tensor is a graph output): infer it afresh
+        if view is model:
+            view = onnx.ModelProto()
+            view.CopyFrom(model)
+        _drop_value_info(view, wanted)
+    inferred = onnx.shape_inference.infer_shapes(view)
     known = {vi.name: vi for vi in inferred.graph.value_info}
     known.update({vi.name: vi for vi in inferred.graph.input})
     known.update({vi.name: vi for vi in inferred.graph.output})
@@ -93,6 +102,7 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
         )
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    _drop_value_info(out, wanted)
     existing = {o.name for o in out.graph.output}
     for name in names:
         if name in existing:
@@ -104,6 +114,12 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
         info.type.tensor_type.ClearField("shape")
         out.graph.output.append(info)
     return out
+
+
+def _drop_value_info(model: onnx.ModelProto, names: set[str]) -> None:
+    kept = [info for info in model.graph.value_info if info.name not in names]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
 
 
 def toposorted(model: onnx.ModelProto) -> onnx.ModelProto:

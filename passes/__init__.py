@@ -14,6 +14,7 @@ from onnxopt.passes import fold_batchnorm  # noqa: F401
 from onnxopt.passes import dedupe_initializers  # noqa: F401
 from onnxopt.passes import prune  # noqa: F401
 from onnxopt.passes import codebook  # noqa: F401
+from onnxopt.passes import compact  # noqa: F401
 from onnxopt.passes import neurons  # noqa: F401
 from onnxopt.passes import quantize  # noqa: F401
 from onnxopt.passes import distill  # noqa: F401

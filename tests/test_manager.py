@@ -226,3 +226,33 @@ def test_same_seed_same_bytes():
 def test_user_error_inside_a_pass_stops_the_run():
     with pytest.raises(onnxopt.UsageError, match="test-needs-data: needs calibration samples"):
         onnxopt.optimize(MLP, "test-noise(scale=0.001),test-needs-data")
+
+
+class RenameThenBreak(Pass):
+    """Renames the weights (graphsurgeon would rename the snapshot's protos in place on
+    export) and produces an invalid graph, so the step is rolled back."""
+
+    name = "test-rename-break"
+    summary = "rename weights, then break the graph"
+
+    def run(self, graph, ctx):
+        for weight in _gemm_weights(graph):
+            weight.name = weight.name + "_renamed"
+        graph.nodes[0].op = "NoSuchOp"
+        return PassResult(changed=True)
+
+
+def test_rolled_back_rename_does_not_rename_the_snapshot():
+    register_pass(RenameThenBreak)
+    try:
+        result = onnxopt.optimize(
+            model_path("digits_mlp"),
+            "test-rename-break,cleanup,prune-initializers(sparsity=0.5)",
+            budget="none",
+        )
+    finally:
+        unregister_pass("test-rename-break")
+    assert [s["status"] for s in result.steps] == ["rolled back", "no-op", "accepted"]
+    names = {t.name for t in result.model.graph.initializer}
+    assert not any(n.endswith("_renamed") for n in names)
+    assert {"fc1.weight", "fc2.weight"} <= names

@@ -279,3 +279,33 @@ def test_killed_save_leaves_no_output_and_its_temp_folder_is_reclaimed(tmp_path)
         load_model(target)
     save_model(_matmul_model(np.ones((4, 4), np.float32)), tmp_path / "other.onnx")
     assert not list(tmp_path.glob(".onnxopt-*"))
+
+
+def _with_wrong_value_info(name: str) -> onnx.ModelProto:
+    model = onnx.load(str(model_path("digits_mlp")))
+    model.graph.value_info.append(helper.make_tensor_value_info(name, TensorProto.FLOAT16, [0]))
+    return model
+
+
+def test_value_info_cannot_change_a_graph_outputs_declared_type():
+    # onnxruntime ignores a value_info that contradicts a graph output; graphsurgeon
+    # would let it retype the output (fuzz seed 1, case 3918)
+    model = _with_wrong_value_info("logits")
+    exported = to_model(to_graph(model), model)
+    (output,) = exported.graph.output
+    assert output.type.tensor_type.elem_type == TensorProto.FLOAT
+    dims = output.type.tensor_type.shape.dim
+    assert [(d.dim_param, d.dim_value) for d in dims] == [("batch", 0), ("", 10)]
+    feeds = seeded_feeds(model, 2)
+    assert_equivalent(run(model, feeds), run(exported, feeds))
+
+
+def test_intermediate_with_a_wrong_value_info_can_be_exposed():
+    from onnxopt.runtime import iter_activations
+
+    model = onnx.load(str(model_path("digits_mlp")))
+    hidden = next(n.output[0] for n in model.graph.node if n.op_type == "Relu")
+    wrong = _with_wrong_value_info(hidden)
+    feeds = seeded_feeds(model, 2)
+    (first,) = list(iter_activations(wrong, [hidden], feeds[:1]))
+    assert first[hidden].dtype == np.float32 and first[hidden].shape == (1, 128)
