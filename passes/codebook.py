@@ -167,6 +167,9 @@ class Codebook:
 INITS = ("linear", "density")
 
 
+CHUNK = 1 << 22  # elements per piece in the per-element loops (bounds temporaries)
+
+
 def kmeans_1d(rows: np.ndarray, k: int, *, init: str = "best", max_iter: int = 100) -> Codebook:
     """Cluster each row of ``rows`` ([C, N], float) into ``k`` shared values.
 
@@ -203,11 +206,11 @@ class _PrefixSums:
 
     ordered: np.ndarray  # [C, N] float64, ascending
     sums: np.ndarray  # [C, N+1]
-    squares: np.ndarray | None = None  # [C, N+1], computed on first use
 
     @classmethod
     def of(cls, rows: np.ndarray) -> _PrefixSums:
-        ordered = np.sort(rows, axis=1).astype(np.float64)
+        ordered = rows.astype(np.float64)  # cast, then sort in place: one float64 copy
+        ordered.sort(axis=1)
         return cls(ordered, _prefix(ordered))
 
     def totals(self, rows: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -216,17 +219,17 @@ class _PrefixSums:
         return np.diff(edges, axis=1), sums
 
     def squared_error(self, centroids: np.ndarray) -> np.ndarray:
-        """Squared error of each row against its nearest (stored) centroids:
-        sum x^2 - 2 c sum x + n c^2, per cluster."""
-        if self.squares is None:
-            self.squares = _prefix(self.ordered**2)
+        """Squared error of each row against its nearest (stored) centroids, summed
+        chunk by chunk (no row-sized temporaries: rows can hold 10^8 weights)."""
         exact = centroids.astype(np.float64)
-        rows = np.arange(len(self.ordered))
-        counts_le = _count_le(self.ordered, rows, (exact[:, :-1] + exact[:, 1:]) / 2)
-        edges = _edges(counts_le, self.ordered.shape[1])
-        total = np.diff(np.take_along_axis(self.squares, edges, axis=1), axis=1)
-        counts, sums = self.totals(rows, edges)
-        return np.sum(total - 2 * exact * sums + counts * exact * exact, axis=1)
+        bounds = (exact[:, :-1] + exact[:, 1:]) / 2
+        errors = np.zeros(len(self.ordered))
+        for row, values in enumerate(self.ordered):
+            for start in range(0, values.size, CHUNK):
+                part = values[start : start + CHUNK]
+                nearest = exact[row][np.searchsorted(bounds[row], part, side="left")]
+                errors[row] += float(np.dot(part - nearest, part - nearest))
+        return errors
 
 
 def _prefix(values: np.ndarray) -> np.ndarray:
@@ -269,7 +272,7 @@ def _initial_centroids(
     # Snapping the grid point nearest zero keeps the row sorted and reserves one centroid.
     centroids[rows_with_zero, nearest] = 0.0
     fixed[rows_with_zero, nearest] = True
-    distinct = 1 + np.count_nonzero(np.diff(ordered, axis=1), axis=1)
+    distinct = 1 + np.count_nonzero(ordered[:, 1:] != ordered[:, :-1], axis=1)
     exact = distinct <= k
     for row in np.flatnonzero(exact):
         values = np.unique(ordered[row])
@@ -326,10 +329,12 @@ def assign(rows: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     bounds = (exact[:, :-1] + exact[:, 1:]) / 2
     indices = np.empty(rows.shape, dtype=np.uint8)
     for row in range(rows.shape[0]):
-        indices[row] = np.searchsorted(bounds[row], rows[row], side="left")
         zero_slots = np.flatnonzero(exact[row] == 0)
-        if zero_slots.size:  # a free centroid may sit next to the reserved one: be explicit
-            indices[row][rows[row] == 0] = zero_slots[0]
+        for start in range(0, rows.shape[1], CHUNK):  # int64 search results, chunk-sized
+            part, out = rows[row, start : start + CHUNK], indices[row, start : start + CHUNK]
+            out[...] = np.searchsorted(bounds[row], part, side="left")
+            if zero_slots.size:  # a free centroid may sit next to the reserved one
+                out[part == 0] = zero_slots[0]
     return indices
 
 
@@ -355,10 +360,13 @@ class Encoded:
         return (self.indices.size * index_bits + 7) // 8 + self.codebook.nbytes + offsets
 
     def reconstruct(self) -> np.ndarray:
-        flat = self.indices.astype(np.int64)
         if self.offsets is not None:
-            flat = flat + self.offsets
-        return self.codebook[flat]
+            return self.codebook[self.indices.astype(np.int64) + self.offsets]
+        flat = self.indices.reshape(1, -1)
+        shared = np.empty(flat.shape, self.codebook.dtype)
+        for _, start, part in _chunks(flat):  # no tensor-sized int64 index array
+            shared[0, start : start + part.size] = self.codebook[part]
+        return shared.reshape(self.indices.shape)
 
 
 def encode(
@@ -402,13 +410,24 @@ def _by_use(centroids: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.
     becomes index 0). Returns ``(centroids, indices, most centroids any row uses)``.
     """
     rows, k = centroids.shape
-    flat = indices.astype(np.int64) + (np.arange(rows, dtype=np.int64) * k)[:, None]
-    counts = np.bincount(flat.reshape(-1), minlength=rows * k).reshape(rows, k)
+    counts = np.zeros((rows, k), np.int64)
+    for row, _start, part in _chunks(indices):
+        counts[row] += np.bincount(part, minlength=k)
     order = np.argsort(-counts, axis=1, kind="stable")
     rank = np.argsort(order, axis=1, kind="stable").astype(np.uint8)
-    renumbered = np.take_along_axis(rank, indices.astype(np.int64), axis=1)
+    renumbered = np.empty_like(indices)
+    for row, start, part in _chunks(indices):
+        renumbered[row, start : start + part.size] = rank[row][part]
     used = int(np.count_nonzero(counts, axis=1).max())
     return np.take_along_axis(centroids, order, axis=1), renumbered, used
+
+
+def _chunks(matrix: np.ndarray):
+    """``(row, start, piece)`` over a 2-D array in pieces of ``CHUNK`` elements (index
+    arithmetic on a piece makes int64 temporaries of the piece's size only)."""
+    for row in range(matrix.shape[0]):
+        for start in range(0, matrix.shape[1], CHUNK):
+            yield row, start, matrix[row, start : start + CHUNK]
 
 
 def pack_uint4(indices: np.ndarray, name: str) -> onnx.TensorProto:
@@ -878,14 +897,13 @@ class ShareWeightsPass(Pass):
 
 
 def _stats(values: np.ndarray, shared: np.ndarray, encoded: Encoded) -> dict[str, Any]:
-    exact = values.astype(np.float64)
-    error = float(np.mean((shared.astype(np.float64) - exact) ** 2))
+    error, power = _error_and_power(values, shared)
     zeros = int(np.count_nonzero(values == 0))
     return {
         "codebooks": encoded.channels,
         "codebook_size": int(encoded.codebook.size),
         "mse": error,
-        "sqnr_db": _sqnr(values, shared),
+        "sqnr_db": _sqnr(values, shared, (error, power)),
         "zeros": zeros,
         "zeros_kept": bool(np.all(shared[values == 0] == 0)),
         "iterations": encoded.iterations,
@@ -894,10 +912,23 @@ def _stats(values: np.ndarray, shared: np.ndarray, encoded: Encoded) -> dict[str
     }
 
 
-def _sqnr(values: np.ndarray, shared: np.ndarray) -> float:
-    exact = values.astype(np.float64)
-    error = float(np.mean((shared.astype(np.float64) - exact) ** 2))
-    power = float(np.mean(exact**2))
+def _error_and_power(values: np.ndarray, shared: np.ndarray) -> tuple[float, float]:
+    """Mean squared error and mean power in float64, a chunk at a time."""
+    exact, approx = values.reshape(1, -1), shared.reshape(1, -1)
+    error = power = 0.0
+    for _, start, part in _chunks(exact):
+        wide = part.astype(np.float64)
+        diff = approx[0, start : start + part.size].astype(np.float64) - wide
+        error += float(np.dot(diff, diff))
+        power += float(np.dot(wide, wide))
+    count = max(values.size, 1)
+    return error / count, power / count
+
+
+def _sqnr(
+    values: np.ndarray, shared: np.ndarray, measured: tuple[float, float] | None = None
+) -> float:
+    error, power = measured if measured is not None else _error_and_power(values, shared)
     if error == 0:
         return float("inf")
     return float(10 * np.log10(power / error)) if power else 0.0
