@@ -563,17 +563,23 @@ def external_range(tensor: TensorProto) -> tuple[int, int]:
     return offset, length
 
 
-def iter_stored_chunks(tensor: TensorProto, chunk: int = 1 << 24) -> Iterator[bytes]:
+def iter_stored_chunks(tensor: TensorProto) -> Iterator[bytes]:
     path = stored_path(tensor)
     if path is None:
         raise ValueError(f"tensor {tensor.name!r} is not a stored tensor")
-    offset, length = external_range(tensor)
+    yield from iter_file_range(path, *external_range(tensor), what=f"tensor {tensor.name!r}")
+
+
+def iter_file_range(
+    path: Path, offset: int, length: int, *, what: str, chunk: int = 1 << 24
+) -> Iterator[bytes]:
+    """``length`` bytes of ``path`` from ``offset``, in blocks of at most ``chunk``."""
     with open(path, "rb") as file:
         file.seek(offset)
         while length > 0:
             block = file.read(min(chunk, length))
             if not block:
-                raise ModelError(f"stored data of tensor {tensor.name!r} is truncated ({path})")
+                raise ModelError(f"data of {what} is truncated ({path})")
             length -= len(block)
             yield block
 

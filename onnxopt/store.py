@@ -51,6 +51,7 @@ from onnxopt.model import (
     _process_alive,
     external_range,
     forget_stored_file,
+    iter_file_range,
     iter_stored_chunks,
     read_stored_array,
     register_stored_file,
@@ -259,21 +260,14 @@ def _aligned(data) -> int:
     return offset + padding
 
 
-def _external_chunks(tensor: TensorProto, base_dir: Path | None, chunk: int = 1 << 24):
+def _external_chunks(tensor: TensorProto, base_dir: Path | None) -> Iterator[bytes]:
     if base_dir is None:
         raise ModelError(
             f"tensor {tensor.name!r} refers to external data but the model has no folder"
         )
     location = next(e.value for e in tensor.external_data if e.key == "location")
-    offset, length = external_range(tensor)
-    with open(Path(base_dir) / location, "rb") as file:
-        file.seek(offset)
-        while length > 0:
-            block = file.read(min(chunk, length))
-            if not block:
-                raise ModelError(f"external data of tensor {tensor.name!r} is truncated")
-            length -= len(block)
-            yield block
+    path = Path(base_dir) / location
+    yield from iter_file_range(path, *external_range(tensor), what=f"tensor {tensor.name!r}")
 
 
 def _loaded(tensor: TensorProto, base_dir: Path | None) -> TensorProto:
