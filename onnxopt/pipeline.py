@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import gc
 import logging
 import os
 import re
@@ -674,6 +675,10 @@ class PassManager:
                 return record, None, None
             candidate = graph_utils.to_model(graph, accepted)
             del graph, ctx  # the pass's new weight arrays: not needed once exported
+            # graphsurgeon graphs are reference cycles (nodes <-> tensors): without a
+            # collection, the pass's graphs and the weights they cached stay alive
+            # through validation (2 GiB on the 2 GiB model's quantize-int8 step)
+            gc.collect()
             outputs, problems = self._validate(candidate, state, record, budget)
         except OnnxoptError as exc:
             # the user's input cannot work with this pass (e.g. no calibration data):

@@ -5,10 +5,12 @@ Gemm / MatMul weights and Gather embedding tables (initializers and Constant-nod
 weights alike: ``to_graph`` lifts the latter). Which weights go:
 
 - ``sparsity=s`` with ``scope=layer``: in each eligible tensor the ``round(s * size)``
-  smallest |w| (ties broken by position: a stable sort), so every tensor ends with
-  exactly that many zeros; ``scope=global``: all eligible weights are ranked together
-  by ``|w| / rms(tensor)`` (normalised per tensor, so one large layer of small weights
-  does not take everything) and the ``round(s * total)`` lowest go;
+  smallest |w| (ties broken by position: the first in C order go, exactly what a stable
+  sort would pick), so every tensor ends with exactly that many zeros; ``scope=global``:
+  all eligible weights are ranked together by ``|w| / rms(tensor)`` in float64
+  (normalised per tensor, so one large layer of small weights does not take
+  everything; ties by tensor order, then position) and the ``round(s * total)`` lowest
+  go;
 - ``threshold=t``: every ``|w| < t`` (``0``, the default, turns it off);
 - ``pattern=N:M``: in every group of M consecutive weights along the reduction axis
   keep the N largest (a trailing partial group counts its missing slots as zeros);
@@ -33,8 +35,12 @@ term of 1 % of the mean diagonal pulls towards the old weights). This only moves
 weights, never revives a zero, and needs calibration activations: it applies to 2-D
 Conv (explicit pads, any stride / dilation / group), Gemm with a constant B and MatMul
 with a constant 2-D B; other weights (ConvTranspose, Gather, constant A operands,
-weights shared by several nodes, rows too costly to solve) are pruned by magnitude
-only, and a note says so.
+weights shared by several nodes) are pruned by magnitude only, and a note says so. So
+is a tensor whose refit would cost more than ``RECONSTRUCT_MAX_FLOPS`` (per row: a dense
+solve on its kept weights, ``kept^3 / 3``, plus a ``fan_in^2`` product) or whose float64
+``X^T X`` and ``X^T X0`` would exceed ``RECONSTRUCT_MAX_BYTES`` (512 MiB): decided from
+the mask, before any activation is computed. An 8192-wide layer at 50 % needs ~1.9e14
+flops and 1 GiB of Gram matrices, so it is never refitted.
 
 ``store=sparse`` writes each eligible tensor that has zeros as an ONNX
 ``sparse_initializer`` (COO, linear int64 indices) when that is smaller than the dense
@@ -53,6 +59,16 @@ listed ops (a tensor also read as a bias, by an Add, a Reshape shape... is skipp
 the reason reported). A tensor shared by several nodes is handled once. Biases,
 normalization parameters and integer tensors (shapes, indices) are never touched.
 
+Memory: no tensor-sized temporary besides the tensor being rewritten. The k smallest
+|w| are found by an exact radix select on the IEEE bit patterns (a histogram per pass
+over slices of ``CHUNK_ELEMENTS``), N:M masks and per-channel clipping work on blocks of
+rows, and the values are read without caching them in the graph (graphsurgeon's
+``Constant.values`` would keep every decoded weight): a tensor that gains no zero keeps
+its lazily loaded values; a rewritten one gets a new array. ``scope=global`` decodes all
+eligible tensors at once (the pass's output size). Sums over more than one slice (the
+rms of ``scope=global``, ``sigma`` per tensor) are per-slice float64 sums, so their
+last bits may differ from numpy's single pairwise sum on tensors over 2M elements.
+
 Does nothing (``changed=False``) when no eligible tensor gains a zero (``sparsity=0``,
 a second run at the same target, ``threshold`` below every |w|) or, for clipping, when
 no value lies beyond ``c``. Subgraph bodies (If/Loop/Scan) are not visited.
@@ -60,6 +76,7 @@ no value lies beyond ``c``. Subgraph bodies (If/Loop/Scan) are not visited.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import re
@@ -70,8 +87,7 @@ from typing import Literal
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
-from onnx_graphsurgeon.ir.tensor import SparseValues
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from onnxopt.graph import WEIGHT_INPUTS
 from onnxopt.model import sparse_to_dense
@@ -84,9 +100,14 @@ FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 DEFAULT_PERCENTILE = 99.9
 AUTO_MAX_EVALUATIONS = 12
 AUTO_STEP_CHECK = 5  # percentage points above the chosen sparsity that must fail
-RECONSTRUCT_MAX_FLOPS = 5e10  # per tensor: rows * kept^3 / 3, beyond that magnitude only
+RECONSTRUCT_MAX_FLOPS = 5e10  # per tensor: rows * (kept^3 / 3 + fan_in^2), beyond: magnitude only
+RECONSTRUCT_MAX_BYTES = 512 << 20  # float64 X^T X and X^T X0 of every group of a tensor
 DAMPING = 0.01
 GRAM_CHUNK_BYTES = 64 << 20
+CHUNK_ELEMENTS = 1 << 21  # streaming slice: temporaries stay this small, not tensor-sized
+DIGIT_BITS = 16  # radix select: 2^16 counters per pass
+COLLECT_LIMIT = 1 << 22  # radix select: partition a bucket once it holds this few keys
+PATTERN_COMPARE_MAX = 8  # N:M groups up to this M: ranked by M^2 comparisons, not argsort
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -160,11 +181,33 @@ class WeightTarget:
 
 
 def read_values(tensor: gs.Constant) -> np.ndarray:
-    """Dense values in the stored dtype, without converting the tensor in place
-    (graphsurgeon loads a sparse initializer as float64 and would export it so)."""
-    if isinstance(tensor._values, SparseValues):
-        return sparse_to_dense(tensor._values.tensor)
-    return tensor.values
+    """Dense values in the stored dtype, without loading them into the tensor.
+
+    graphsurgeon's ``Constant.values`` caches a lazily loaded array in the tensor, so
+    every weight the pass only looked at would stay decoded in the graph (a second
+    copy of the model's weights next to the proto); it also loads a sparse initializer
+    as float64 and would export it so. The result may be the tensor's own array: do not
+    write into it (see ``owned_values``)."""
+    stored = tensor._values
+    if isinstance(stored, SparseValues):
+        return sparse_to_dense(stored.tensor)
+    if isinstance(stored, LazyValues):
+        return stored.load()
+    return stored
+
+
+def owned_values(tensor: gs.Constant) -> np.ndarray:
+    """A C-contiguous, writable array of the tensor's values that nothing else holds:
+    the pass edits it in place and then assigns it (``Graph.copy`` shares arrays, so a
+    tensor's current array is never written into). A lazily loaded tensor is decoded
+    once and that array is used: ``LazyValues.load`` (graphsurgeon's, and the core's
+    ``StoredValues`` reading from the weight store) returns a new array on every call."""
+    stored = tensor._values
+    values = read_values(tensor)
+    fresh = isinstance(stored, LazyValues)  # SparseValues too: sparse_to_dense is new
+    if fresh and values.flags.writeable and values.flags.c_contiguous:
+        return values
+    return np.array(values, order="C", copy=True)
 
 
 def stored_dtype(tensor: gs.Constant) -> np.dtype | None:
@@ -253,49 +296,197 @@ def _check_ops(ops: tuple[str, ...]) -> None:
         raise ValueError(f"ops={list(ops)}: valid op types are {', '.join(PRUNABLE_OPS)}")
 
 
-# ---------------------------------------------------------------------------- masks
+# ---------------------------------------------------------------------------- selection
+#
+# Every rewrite below edits a private copy of one tensor in place and streams over it in
+# slices of CHUNK_ELEMENTS, so that no temporary is tensor-sized: ranking needs no sort
+# and no index array. "The k smallest |w|" is found by an exact radix select on the IEEE
+# bit patterns (non-negative floats order like their bits), then zeroed in one more pass.
 
 
-def layer_mask(values: np.ndarray, sparsity: float) -> np.ndarray:
-    """True where a weight is zeroed: the round(s*size) smallest |w|, stable on ties."""
-    flat = np.abs(values).ravel()
-    count = round(sparsity * flat.size)
-    mask = np.zeros(flat.size, dtype=bool)
-    mask[np.argsort(flat, kind="stable")[:count]] = True
-    return mask.reshape(values.shape)
+def _chunks(flat: np.ndarray) -> Iterator[np.ndarray]:
+    for start in range(0, flat.size, CHUNK_ELEMENTS):
+        yield flat[start : start + CHUNK_ELEMENTS]
 
 
-def global_masks(arrays: list[np.ndarray], sparsity: float) -> list[np.ndarray]:
-    """One ranking over every tensor by |w| / rms(tensor); the lowest round(s*total) go."""
-    scores = []
-    for values in arrays:
-        magnitude = np.abs(values.astype(np.float64)).ravel()
-        rms = math.sqrt(float(np.mean(magnitude**2))) if magnitude.size else 0.0
-        scores.append(magnitude / rms if rms > 0 else magnitude)
-    joined = np.concatenate(scores) if scores else np.zeros(0)
-    count = round(sparsity * joined.size)
-    chosen = np.zeros(joined.size, dtype=bool)
-    chosen[np.argsort(joined, kind="stable")[:count]] = True
-    masks, start = [], 0
-    for values in arrays:
-        masks.append(chosen[start : start + values.size].reshape(values.shape))
-        start += values.size
-    return masks
+_SIGN_MASK = {np.dtype(f"u{n}"): (1 << (8 * n - 1)) - 1 for n in (2, 4, 8)}
 
 
-def pattern_mask(values: np.ndarray, layout: RowLayout, keep: int, group: int) -> np.ndarray:
-    """Zero the (M - N) smallest of every M consecutive weights of each row; a partial
-    last group is padded with virtual zeros (which count towards its M - N)."""
-    rows = np.abs(layout.to_rows(values)).astype(np.float64)
-    fan_in = rows.shape[1]
-    padded_len = -(-fan_in // group) * group
-    padded = np.full((rows.shape[0], padded_len), -1.0)
-    padded[:, :fan_in] = rows
-    grouped = padded.reshape(rows.shape[0], -1, group)
-    order = np.argsort(grouped, axis=-1, kind="stable")[..., : group - keep]
-    mask = np.zeros_like(grouped, dtype=bool)
-    np.put_along_axis(mask, order, True, axis=-1)
-    return layout.from_rows(mask.reshape(rows.shape[0], -1)[:, :fan_in])
+def magnitude_keys(chunk: np.ndarray) -> np.ndarray:
+    """Unsigned integers that order like ``|chunk|``: the bit patterns without the sign
+    bit. Every NaN gets the same key, just above +inf (a sort puts NaNs last, in order)."""
+    unsigned = np.dtype(f"u{chunk.dtype.itemsize}")
+    keys = np.ascontiguousarray(chunk).view(unsigned) & unsigned.type(_SIGN_MASK[unsigned])
+    inf_bits = np.array(np.inf, dtype=chunk.dtype).view(unsigned)
+    np.minimum(keys, inf_bits + unsigned.type(1), out=keys)
+    return keys
+
+
+def select_key(stream: Callable[[], Iterator[np.ndarray]], rank: int, bits: int) -> tuple[int, int]:
+    """The key of 0-based ``rank`` among all keys ``stream()`` yields (unsigned, ``bits``
+    wide), and how many keys are smaller. MSD radix select: one histogram of
+    ``DIGIT_BITS`` per pass over the data, then the bucket's keys are gathered and
+    partitioned once there are at most ``COLLECT_LIMIT`` of them. Memory: one slice and
+    the counters, whatever the total size."""
+    prefix, below, fixed = 0, 0, 0
+    while fixed < bits:
+        width = min(DIGIT_BITS, bits - fixed)
+        shift = bits - fixed - width
+        counts = np.zeros(1 << width, dtype=np.int64)
+        for keys in _in_bucket(stream, prefix, bits - fixed, bits):
+            digits = (keys >> shift) & ((1 << width) - 1)
+            counts += np.bincount(digits.astype(np.intp), minlength=1 << width)
+        cumulative = np.cumsum(counts)
+        digit = int(np.searchsorted(cumulative, rank, side="right"))
+        smaller = int(cumulative[digit - 1]) if digit else 0
+        below, rank = below + smaller, rank - smaller
+        prefix, fixed = (prefix << width) | digit, fixed + width
+        if fixed < bits and counts[digit] <= COLLECT_LIMIT:
+            bucket = np.concatenate(list(_in_bucket(stream, prefix, bits - fixed, bits)))
+            key = np.partition(bucket, rank)[rank]
+            return int(key), below + int(np.count_nonzero(bucket < key))
+    return prefix, below
+
+
+def _in_bucket(stream, prefix: int, low_bits: int, bits: int) -> Iterator[np.ndarray]:
+    """The keys whose high ``bits - low_bits`` bits equal ``prefix``."""
+    for keys in stream():
+        yield keys if low_bits == bits else keys[(keys >> low_bits) == prefix]
+
+
+def _zero_ranked(flat: np.ndarray, keys_of: Callable, key: int, ties: int) -> int:
+    """Zero every entry of ``flat`` (in place) whose key is below ``key`` and the first
+    ``ties`` entries (in position order) whose key equals it; return the ties left."""
+    for chunk in _chunks(flat):
+        keys = keys_of(chunk)
+        if ties > 0:
+            equal = np.flatnonzero(keys == key)[:ties]
+            ties -= equal.size
+            chunk[equal] = 0
+        chunk[keys < key] = 0
+    return ties
+
+
+def zero_smallest(values: np.ndarray, count: int) -> None:
+    """Zero, in place, the ``count`` smallest |w| of the C-contiguous ``values``; among
+    equal magnitudes the first in C order go (what a stable argsort would pick)."""
+    flat = values.reshape(-1)
+    if count <= 0 or flat.size == 0:
+        return
+    if count >= flat.size:
+        flat[:] = 0
+        return
+    key, below = select_key(
+        lambda: map(magnitude_keys, _chunks(flat)), count - 1, 8 * flat.itemsize
+    )
+    _zero_ranked(flat, magnitude_keys, key, count - below)
+
+
+def zero_global(arrays: list[np.ndarray], sparsity: float) -> None:
+    """One ranking over all ``arrays`` by ``|w| / rms(tensor)`` (float64), ties by
+    (tensor order, position); zero the lowest ``round(s * total)`` in place."""
+    flats = [a.reshape(-1) for a in arrays]
+    total = sum(f.size for f in flats)
+    count = round(sparsity * total)
+    if count <= 0:
+        return
+    scorers = [_scorer(_rms(f)) for f in flats]
+
+    def stream() -> Iterator[np.ndarray]:
+        for flat, score in zip(flats, scorers):
+            yield from map(score, _chunks(flat))
+
+    key, below = select_key(stream, min(count, total) - 1, 64)
+    ties = count - below
+    for flat, score in zip(flats, scorers):
+        ties = _zero_ranked(flat, score, key, ties)
+
+
+def _rms(flat: np.ndarray) -> float:
+    """Root mean square in float64; one pairwise sum when the tensor fits one slice,
+    else a sum of per-slice sums (the last bits may differ from numpy's single sum)."""
+    if flat.size <= CHUNK_ELEMENTS:
+        magnitude = np.abs(flat.astype(np.float64))
+        return math.sqrt(float(np.mean(magnitude**2))) if flat.size else 0.0
+    squares = sum(float(np.sum(np.square(c, dtype=np.float64))) for c in _chunks(flat))
+    return math.sqrt(squares / flat.size)
+
+
+def _scorer(rms: float) -> Callable[[np.ndarray], np.ndarray]:
+    def keys(chunk: np.ndarray) -> np.ndarray:
+        score = np.abs(chunk.astype(np.float64))
+        if rms > 0:  # an all-zero (or NaN) tensor keeps its raw magnitudes
+            score /= rms
+        return magnitude_keys(score)
+
+    return keys
+
+
+def zero_below(values: np.ndarray, threshold: float) -> None:
+    """Zero every ``|w| < threshold`` in place (compared in the tensor's dtype)."""
+    for chunk in _chunks(values.reshape(-1)):
+        chunk[np.abs(chunk) < threshold] = 0
+
+
+def zero_pattern(values: np.ndarray, layout: RowLayout, keep: int, group: int) -> None:
+    """In place: zero the (M - N) smallest of every M consecutive weights of each row
+    (ties by position); a partial last group is padded with virtual zeros, which count
+    towards its M - N. Works on blocks of about CHUNK_ELEMENTS weights."""
+    if values.size == 0:
+        return
+    if values.ndim == 2 and layout.perm == (1, 0) and layout.pre_shape == values.shape:
+        _zero_pattern_down_columns(values, keep, group)  # Gemm B[K, N], MatMul B[K, N]
+        return
+    moved = values.reshape(layout.pre_shape).transpose(layout.perm)
+    rows = moved.shape[0] if moved.ndim else 1
+    fan_in = values.size // rows
+    step = max(1, CHUNK_ELEMENTS // fan_in)
+    for start in range(0, rows, step):
+        block = moved[start : start + step]
+        flat = block.reshape(block.shape[0], fan_in)
+        keys = _padded_keys(flat, group)  # [rows, groups * M]
+        mask = _lowest_in_groups(keys.reshape(-1, group, 1), keep, group)
+        block[mask.reshape(keys.shape)[:, :fan_in].reshape(block.shape)] = 0
+
+
+def _zero_pattern_down_columns(values: np.ndarray, keep: int, group: int) -> None:
+    """N:M along axis 0 of a 2-D ``[K, N]`` weight (a row is a column here), on blocks
+    of whole groups of rows: contiguous, no transposed copy."""
+    fan_in, columns = values.shape
+    step = max(1, CHUNK_ELEMENTS // (columns * group)) * group
+    for start in range(0, fan_in, step):
+        block = values[start : start + step]
+        keys = _padded_keys(block.T, group).T  # [groups * M, N], padding rows last
+        mask = _lowest_in_groups(keys.reshape(-1, group, columns), keep, group)
+        block[mask.reshape(keys.shape)[: block.shape[0]]] = 0
+
+
+def _padded_keys(rows: np.ndarray, group: int) -> np.ndarray:
+    """``magnitude_keys + 1`` of ``rows[r, c]``, the last axis padded with 0 (lower than
+    any weight) to a multiple of ``group``."""
+    keys = magnitude_keys(np.ascontiguousarray(rows))
+    padded = np.zeros((rows.shape[0], -(-rows.shape[1] // group) * group), dtype=keys.dtype)
+    padded[:, : rows.shape[1]] = keys
+    padded[:, : rows.shape[1]] += 1
+    return padded
+
+
+def _lowest_in_groups(keys: np.ndarray, keep: int, group: int) -> np.ndarray:
+    """``keys[a, M, b]``: True for the (M - N) lowest of each group along axis 1, ties by
+    position (a stable sort's first M - N)."""
+    if group > PATTERN_COMPARE_MAX:
+        order = np.argsort(keys, axis=1, kind="stable")[:, : group - keep]
+        mask = np.zeros(keys.shape, dtype=bool)
+        np.put_along_axis(mask, order, True, axis=1)
+        return mask
+    mask = np.empty(keys.shape, dtype=bool)
+    for i in range(group):  # rank of slot i: lower keys, plus equal keys before it
+        rank = np.zeros(keys[:, i].shape, dtype=np.uint8)
+        for j in range(group):
+            if j != i:
+                rank += keys[:, j] <= keys[:, i] if j < i else keys[:, j] < keys[:, i]
+        mask[:, i] = rank < group - keep
+    return mask
 
 
 # ---------------------------------------------------------------------------- reconstruction
@@ -369,26 +560,45 @@ def refit_rows(target: WeightTarget, masked: np.ndarray, graph: gs.Graph, refit:
     if columns is None:
         return False
     layout = target.layout
-    original = layout.to_rows(read_values(refit.reference.tensors()[target.name])).astype(float)
-    rows = layout.to_rows(masked)
-    kept = rows != 0
-    cost = float(np.sum(kept.sum(axis=1).astype(float) ** 3)) / 3
-    if cost > RECONSTRUCT_MAX_FLOPS:
-        refit.notes.append(f"{target.name}: too large to refit ({cost:.2g} flops)")
+    too_costly = _refit_cost_reason(masked, layout, int(node.attrs.get("group", 1)))
+    if too_costly:
+        refit.notes.append(f"{target.name}: too large to refit ({too_costly})")
         return False
     groups = _input_statistics(refit, graph, _activation_source(node, index).name, columns)
     if not groups:
         return False
+    original = layout.to_rows(read_values(refit.reference.tensors()[target.name]))
+    rows = layout.to_rows(masked)
+    fitted = np.empty(rows.shape, dtype=masked.dtype)
     per_group = rows.shape[0] // len(groups)
-    fitted = np.zeros(rows.shape, dtype=np.float64)
     for r in range(rows.shape[0]):
         hessian, cross = groups[r // per_group]
-        fitted[r] = _solve_row(hessian, cross, original[r], kept[r])
-    if not np.all(np.isfinite(fitted)):
-        refit.notes.append(f"{target.name}: refit not finite, kept magnitude pruning")
-        return False
-    target.tensor.values = layout.from_rows(fitted).astype(masked.dtype)
+        row = _solve_row(hessian, cross, original[r].astype(np.float64), rows[r] != 0)
+        if not np.all(np.isfinite(row)):
+            refit.notes.append(f"{target.name}: refit not finite, kept magnitude pruning")
+            return False
+        fitted[r] = row
+    target.tensor.values = np.ascontiguousarray(layout.from_rows(fitted))
     return True
+
+
+def _refit_cost_reason(masked: np.ndarray, layout: RowLayout, group: int) -> str:
+    """Why refitting this tensor would cost too much ('' if it would not), decided from
+    the mask alone, before any activation is computed. Per output row: a dense solve on
+    its kept weights (kept^3 / 3) and one fan_in^2 product; per group of rows: float64
+    ``X^T X`` and ``X^T X0`` of fan_in^2 each."""
+    moved = masked.reshape(layout.pre_shape).transpose(layout.perm)
+    rows = moved.shape[0] if moved.ndim else 1
+    fan_in = masked.size // max(rows, 1)
+    kept = np.count_nonzero(moved, axis=tuple(range(1, moved.ndim)))  # refit: ndim >= 2
+    flops = float(np.sum(kept.astype(np.float64) ** 3)) / 3 + rows * float(fan_in) ** 2
+    gram_bytes = 2 * group * fan_in**2 * 8
+    if flops > RECONSTRUCT_MAX_FLOPS:
+        return f"{flops:.2g} flops > {RECONSTRUCT_MAX_FLOPS:.2g}"
+    if gram_bytes > RECONSTRUCT_MAX_BYTES:
+        limit = RECONSTRUCT_MAX_BYTES >> 20
+        return f"{gram_bytes >> 20} MiB of float64 Gram matrices > {limit} MiB"
+    return ""
 
 
 def _input_statistics(
@@ -457,15 +667,30 @@ def sparse_proto(name: str, values: np.ndarray) -> onnx.SparseTensorProto:
     return onnx.helper.make_sparse_tensor(sparse_values, indices, list(values.shape))
 
 
+def dense_proto_bytes(name: str, values: np.ndarray) -> int:
+    """``numpy_helper.from_array(values, name).ByteSize()`` without building it (the
+    data is one ``raw_data`` field: tag, varint length, bytes)."""
+    header = onnx.TensorProto(
+        dims=values.shape, data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+    )
+    if name:
+        header.name = name
+    return header.ByteSize() + 1 + _varint_bytes(values.nbytes) + values.nbytes
+
+
+def _varint_bytes(value: int) -> int:
+    return max(1, -(-value.bit_length() // 7))
+
+
 def _try_store_sparse(tensor: gs.Constant) -> int:
     """Store ``tensor`` as a sparse initializer when smaller; return bytes saved."""
     if isinstance(tensor._values, SparseValues):
         return 0
-    values = tensor.values
-    if not np.any(values == 0):
+    values = read_values(tensor)
+    if np.count_nonzero(values) == values.size:
         return 0
     sparse = sparse_proto(tensor.name, values)
-    saved = numpy_helper.from_array(values, tensor.name).ByteSize() - sparse.ByteSize()
+    saved = dense_proto_bytes(tensor.name, values) - sparse.ByteSize()
     if saved <= 0:
         return 0
     tensor.values = SparseValues(sparse)
@@ -525,10 +750,8 @@ class PruneInitializersPass(Pass):
             sparsity = self.options.sparsity
             if sparsity is None and not self.options.threshold:
                 sparsity = 0.5 if self.options.pattern == "unstructured" else None
-        before = {t.name: read_values(t.tensor) for t in selection.targets}
-        refit_notes = self._prune(graph, selection, sparsity, ctx)
-        notes += refit_notes
-        stats = [_tensor_stats(t, before[t.name], read_values(t.tensor)) for t in selection.targets]
+        stats, prune_notes = self._prune(graph, selection, sparsity, ctx)
+        notes += prune_notes
         zeroed = sum(s["zeroed"] for s in stats)
         saved = 0
         if self.options.store == "sparse":
@@ -543,49 +766,66 @@ class PruneInitializersPass(Pass):
 
     def _prune(
         self, graph: gs.Graph, selection: Selection, sparsity: float | None, ctx: PassContext
-    ) -> list[str]:
-        """Mask (and refit) every eligible tensor; assign new arrays. Returns notes."""
-        arrays = [read_values(t.tensor) for t in selection.targets]
-        masks = self._masks(selection, arrays, sparsity)
-        notes = [
-            f"{t.name}: its uses disagree on the N:M axis; not pruned"
-            for t, mask in zip(selection.targets, masks)
-            if mask is None and self.options.pattern != "unstructured"
-        ]
-        pending = []
-        for target, values, mask in zip(selection.targets, arrays, masks):
-            if mask is None or not np.any(mask & (values != 0)):
-                continue  # nothing new to zero: idempotent
-            masked = np.where(mask, np.zeros((), values.dtype), values)
-            target.tensor.values = masked
-            pending.append((target, masked))
+    ) -> tuple[list[dict], list[str]]:
+        """Zero (and refit) every eligible tensor, one private copy at a time (all of
+        them at once for ``scope=global``); a tensor that gains no zero keeps its lazily
+        loaded values. Returns per-tensor stats and notes."""
+        reference = graph.copy() if self.options.reconstruct and ctx.calibration else None
+        notes: list[str] = []
+        stats: list[dict] = []
+        pending: list[tuple[WeightTarget, np.ndarray, int]] = []
+        if self.options.scope == "global" and self._rule(sparsity) == "sparsity":
+            arrays = [owned_values(t.tensor) for t in selection.targets]
+            before = [_zeros(values) for values in arrays]
+            zero_global(arrays, sparsity)
+            for target, values, zeros in zip(selection.targets, arrays, before):
+                _keep_if_changed(target, values, zeros, stats, pending)
+            del arrays  # unchanged copies go now; the graph holds the others
+        else:
+            for target in selection.targets:
+                _keep_if_changed(*self._try_zero(target, sparsity, notes), stats, pending)
         if not (self.options.reconstruct and pending):
-            return notes
+            return stats, notes
         if not ctx.calibration:
-            return [*notes, "no calibration samples: kept weights not refitted"]
-        refit = Refit(ctx, reference=_unpruned_copy(graph, selection, arrays), notes=notes)
-        for target, masked in pending:
-            if not refit_rows(target, masked, graph, refit):
+            return stats, [*notes, "no calibration samples: kept weights not refitted"]
+        refit = Refit(ctx, reference=reference, notes=notes)
+        by_name = {s["tensor"]: i for i, s in enumerate(stats)}
+        for target, masked, zeros_before in pending:
+            if refit_rows(target, masked, graph, refit):  # a refitted weight may be 0.0
+                stats[by_name[target.name]] = _tensor_stats(
+                    target, target.tensor.values, zeros_before
+                )
+            else:
                 refit.notes.append(f"{target.name}: pruned by magnitude only (no refit)")
-        return refit.notes
+        return stats, refit.notes
 
-    def _masks(
-        self, selection: Selection, arrays: list[np.ndarray], sparsity: float | None
-    ) -> list[np.ndarray | None]:
-        options = self.options
-        pattern = _parse_pattern(options.pattern)
-        if pattern is not None:
-            return [
-                pattern_mask(v, t.layout, *pattern) if t.layout is not None else None
-                for t, v in zip(selection.targets, arrays)
-            ]
-        if options.threshold:
-            return [np.abs(v) < options.threshold for v in arrays]
-        if not sparsity:
-            return [None] * len(arrays)
-        if options.scope == "global":
-            return global_masks(arrays, sparsity)
-        return [layer_mask(v, sparsity) for v in arrays]
+    def _rule(self, sparsity: float | None) -> str:
+        if self.options.pattern != "unstructured":
+            return "pattern"
+        if self.options.threshold:
+            return "threshold"
+        return "sparsity" if sparsity else "none"
+
+    def _try_zero(
+        self, target: WeightTarget, sparsity: float | None, notes: list[str]
+    ) -> tuple[WeightTarget, np.ndarray, int]:
+        """Zero one tensor's private copy by the pass's rule; returns it with the number
+        of zeros it had before."""
+        rule = self._rule(sparsity)
+        if rule == "none" or (rule == "pattern" and target.layout is None):
+            if rule == "pattern":
+                notes.append(f"{target.name}: its uses disagree on the N:M axis; not pruned")
+            values = read_values(target.tensor)
+            return target, values, _zeros(values)
+        values = owned_values(target.tensor)
+        zeros = _zeros(values)
+        if rule == "pattern":
+            zero_pattern(values, target.layout, *_parse_pattern(self.options.pattern))
+        elif rule == "threshold":
+            zero_below(values, self.options.threshold)
+        else:
+            zero_smallest(values, round(sparsity * values.size))
+        return target, values, zeros
 
     def _search(
         self, graph: gs.Graph, selection: Selection, ctx: PassContext
@@ -602,6 +842,10 @@ class PruneInitializersPass(Pass):
                 )
                 self._prune(candidate, picked, percent / 100, ctx)
                 evaluation = ctx.evaluate(candidate)
+                # graphsurgeon graphs are reference cycles: without a collection every
+                # candidate's new arrays (the model's size) would wait for the cyclic GC
+                del candidate, picked
+                gc.collect()
                 verdicts[percent] = evaluation.ok
                 curve.append(_curve_point(percent, evaluation))
             return verdicts[percent]
@@ -645,14 +889,6 @@ class PruneInitializersPass(Pass):
         return saved
 
 
-def _unpruned_copy(graph: gs.Graph, selection: Selection, arrays: list[np.ndarray]) -> gs.Graph:
-    reference = graph.copy()
-    tensors = reference.tensors()
-    for target, values in zip(selection.targets, arrays):
-        tensors[target.name].values = values
-    return reference
-
-
 def _curve_point(percent: int, evaluation) -> dict:
     worst = evaluation.worst()
     point = {"sparsity": percent / 100, "ok": evaluation.ok}
@@ -665,20 +901,36 @@ def _curve_point(percent: int, evaluation) -> dict:
     return point
 
 
-def _tensor_stats(target: WeightTarget, before: np.ndarray, after: np.ndarray) -> dict:
-    size = int(before.size)
-    zeros_before = int(np.count_nonzero(before == 0))
-    zeros_after = int(np.count_nonzero(after == 0))
+def _tensor_stats(target: WeightTarget, after: np.ndarray, zeros_before: int) -> dict:
+    size = int(after.size)
+    zeros_after = _zeros(after)
     return {
         "tensor": target.name,
         "op": target.op,
-        "shape": list(before.shape),
+        "shape": list(after.shape),
         "size": size,
         "sparsity_before": round(zeros_before / size, 6) if size else 0.0,
         "sparsity_after": round(zeros_after / size, 6) if size else 0.0,
         "zeroed": zeros_after - zeros_before,
         "stored": "dense",
     }
+
+
+def _keep_if_changed(
+    target: WeightTarget,
+    values: np.ndarray,
+    zeros_before: int,
+    stats: list[dict],
+    pending: list[tuple[WeightTarget, np.ndarray, int]],
+) -> None:
+    stats.append(_tensor_stats(target, values, zeros_before))
+    if stats[-1]["zeroed"] > 0:  # otherwise the tensor keeps its (lazy) values
+        target.tensor.values = values
+        pending.append((target, values, zeros_before))
+
+
+def _zeros(values: np.ndarray) -> int:
+    return int(values.size - np.count_nonzero(values))  # no boolean temporary
 
 
 def _prune_counts(stats: list[dict], selection: Selection, zeroed: int, saved: int) -> dict:
@@ -741,39 +993,89 @@ class ClipWeightsPass(Pass):
         return PassResult(changed=clipped > 0, counts=counts, details=details, notes=notes)
 
     def _try_clip(self, target: WeightTarget) -> dict | None:
-        values = read_values(target.tensor)
+        values = owned_values(target.tensor)
         if values.size == 0:
             return None
-        rows = (
-            target.layout.to_rows(values)
-            if self.options.granularity == "channel"
-            else values.reshape(1, -1)
-        )
-        limit = self._limits(rows)
-        clipped = int(np.count_nonzero(np.abs(rows) > limit[:, None]))
+        range_before = [float(values.min()), float(values.max())]
+        if self.options.granularity == "channel":
+            clipped, c_max = self._clip_rows(values, target.layout)
+        else:
+            clipped, c_max = self._clip_tensor(values)
         record = {
             "tensor": target.name,
             "op": target.op,
             "size": int(values.size),
             "clipped": clipped,
             "fraction": round(clipped / values.size, 6),
-            "c_max": float(limit.max()),
-            "range_before": [float(values.min()), float(values.max())],
-            "range_after": [float(values.min()), float(values.max())],
+            "c_max": c_max,
+            "range_before": range_before,
+            "range_after": range_before,
         }
         if clipped:
-            new_rows = np.clip(rows, -limit[:, None], limit[:, None]).astype(values.dtype)
-            new = (
-                target.layout.from_rows(new_rows)
-                if self.options.granularity == "channel"
-                else new_rows.reshape(values.shape)
-            )
-            target.tensor.values = new
-            record["range_after"] = [float(new.min()), float(new.max())]
+            target.tensor.values = values
+            record["range_after"] = [float(values.min()), float(values.max())]
         return record
 
-    def _limits(self, rows: np.ndarray) -> np.ndarray:
+    def _clip_tensor(self, values: np.ndarray) -> tuple[int, float]:
+        """Clip the private copy ``values`` in place to one ``±c``; (count, c)."""
+        limit = np.float64(self._tensor_limit(values))
+        clipped = 0
+        for chunk in _chunks(values.reshape(-1)):
+            clipped += _clip_block(chunk, limit)
+        return clipped, float(limit)
+
+    def _tensor_limit(self, values: np.ndarray) -> float:
+        """sigma * std(w) (float64), or the percentile of |w| as numpy's
+        ``method="higher"`` gives it: the value of rank ceil((n - 1) * p / 100)."""
+        flat = values.reshape(-1)
+        if self.options.sigma:
+            return self.options.sigma * _std(flat)
+        if math.isnan(float(np.max(flat))):
+            return math.nan  # as np.percentile: a NaN anywhere gives NaN
+        rank = math.ceil((flat.size - 1) * (self.options.percentile / 100))
+        key, _ = select_key(lambda: map(magnitude_keys, _chunks(flat)), rank, 8 * flat.itemsize)
+        unsigned = np.dtype(f"u{flat.itemsize}")
+        return float(np.array(key, dtype=unsigned).view(flat.dtype))
+
+    def _clip_rows(self, values: np.ndarray, layout: RowLayout) -> tuple[int, float]:
+        """Clip each row (output channel) of the private copy ``values`` in place to its
+        own ``±c``, a block of rows at a time; (count, largest c)."""
+        moved = values.reshape(layout.pre_shape).transpose(layout.perm)
+        rows = moved.shape[0] if moved.ndim else 1
+        fan_in = values.size // rows
+        step = max(1, CHUNK_ELEMENTS // fan_in)
+        clipped, c_max = 0, -math.inf
+        for start in range(0, rows, step):
+            block = moved[start : start + step]
+            flat = block.reshape(block.shape[0], fan_in)
+            limits = self._row_limits(flat)[:, None]
+            c_max = float(np.max([c_max, limits.max()]))
+            over = _clip_block(flat, limits)
+            if over and not np.may_share_memory(flat, values):
+                block[...] = flat.reshape(block.shape)
+            clipped += over
+        return clipped, c_max
+
+    def _row_limits(self, rows: np.ndarray) -> np.ndarray:
         if self.options.sigma:
             return self.options.sigma * rows.astype(np.float64).std(axis=1)
         magnitude = np.abs(rows.astype(np.float64))
         return np.percentile(magnitude, self.options.percentile, axis=1, method="higher")
+
+
+def _clip_block(block: np.ndarray, limit: np.ndarray | np.float64) -> int:
+    """Clip ``block`` in place to ``±limit`` (compared and clipped in float64, then
+    stored in the block's dtype, as ``np.clip(...).astype`` would); returns the count."""
+    over = int(np.count_nonzero(np.abs(block) > limit))
+    if over:
+        block[...] = np.clip(block, -limit, limit)
+    return over
+
+
+def _std(flat: np.ndarray) -> float:
+    """Population std in float64: numpy's on one slice, two passes over slices above."""
+    if flat.size <= CHUNK_ELEMENTS:
+        return float(flat.reshape(1, -1).astype(np.float64).std(axis=1)[0])
+    mean = sum(float(np.sum(c, dtype=np.float64)) for c in _chunks(flat)) / flat.size
+    squares = sum(float(np.sum(np.square(c.astype(np.float64) - mean))) for c in _chunks(flat))
+    return math.sqrt(squares / flat.size)

@@ -56,10 +56,18 @@ def apply_pass(name: str, model: onnx.ModelProto, **options):
     """Run one pass directly on ``model``, as the PassManager would, minus the checks.
     Returns ``(model, PassResult)``."""
     from onnxopt.graph import to_graph, to_model
+
+    graph = to_graph(model)
+    result = run_pass_on_graph(name, graph, model, **options)
+    return to_model(graph, model), result
+
+
+def run_pass_on_graph(name: str, graph, model: onnx.ModelProto, **options):
+    """Run one pass on an imported ``graph`` of ``model`` (no calibration data);
+    returns its PassResult."""
     from onnxopt.pipeline import PassContext, get_pass, make_options
 
     cls = get_pass(name)
-    graph = to_graph(model)
     ctx = PassContext(
         calibration=[],
         rng=np.random.default_rng(0),
@@ -68,5 +76,4 @@ def apply_pass(name: str, model: onnx.ModelProto, **options):
         original=model,
         budget=cls.budget(),
     )
-    result = cls(make_options(cls, options)).run(graph, ctx)
-    return to_model(graph, model), result
+    return cls(make_options(cls, options)).run(graph, ctx)

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
-from conftest import MODELS, accuracy, digits, model_path, run
+from conftest import MODELS, accuracy, digits, model_path, run, run_pass_on_graph
 from onnx import TensorProto, helper, numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 import onnxopt
 import onnxopt.passes.prune  # registers prune-initializers and clip-weights
 from onnxopt.check import structural_checks
 from onnxopt.errors import UsageError
+from onnxopt.graph import to_graph
 from onnxopt.passes.prune import sparse_to_dense
+from onnxopt.pipeline import PassContext, get_pass, make_options
 
 DATA = str(MODELS / "digits_train.npz")
 
@@ -362,3 +366,332 @@ def test_clip_sigma_per_channel_bounds_every_output_channel():
         limits = 2 * before.astype(np.float64).std(axis=1, keepdims=True)
         np.testing.assert_allclose(after, np.clip(before, -limits, limits), rtol=1e-6)
     assert weights(result.model)["fc1.bias"].tolist() == original["fc1.bias"].tolist()
+
+
+# ---------------------------------------------------------------------------- streaming selection
+#
+# The pass ranks weights without sorting them (radix select over slices); these tests
+# compare it with the full stable sort it replaces, with slices and buckets made tiny so
+# that every chunked and multi-level path runs on small tensors.
+
+prune_module = onnxopt.passes.prune
+
+
+@pytest.fixture(params=["default", "tiny"])
+def slices(request, monkeypatch):
+    """Run with the real slice/bucket sizes and with tiny ones (odd, so that slices cut
+    through rows and N:M groups, and the radix select goes down every level)."""
+    if request.param == "tiny":
+        monkeypatch.setattr(prune_module, "CHUNK_ELEMENTS", 37)
+        monkeypatch.setattr(prune_module, "COLLECT_LIMIT", 3)
+    return request.param
+
+
+def _tied(rng, shape, dtype=np.float32) -> np.ndarray:
+    """Few distinct magnitudes, both signs, zeros: every threshold falls in a tie."""
+    return (rng.integers(-4, 5, size=shape) * 0.25).astype(dtype)
+
+
+def _sorted_zeros(values: np.ndarray, count: int) -> np.ndarray:
+    """What the pass did before: zero the first ``count`` of a stable argsort of |w|."""
+    out = values.ravel().copy()
+    out[np.argsort(np.abs(values).ravel(), kind="stable")[:count]] = 0
+    return out.reshape(values.shape)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("sparsity", [0.01, 0.3, 0.5, 0.77, 0.99])
+def test_layer_selection_equals_a_stable_sort_even_on_ties(slices, dtype, sparsity):
+    rng = np.random.default_rng(1)
+    for values in (_tied(rng, (33, 17), dtype), rng.standard_normal((40, 25)).astype(dtype)):
+        count = round(sparsity * values.size)
+        pruned = values.copy()
+        prune_module.zero_smallest(pruned, count)
+        np.testing.assert_array_equal(pruned, _sorted_zeros(values, count))
+        assert np.count_nonzero(pruned == 0) == max(count, np.count_nonzero(values == 0))
+
+
+def test_layer_selection_handles_nan_inf_and_negative_zero(slices):
+    values = np.array([np.nan, -0.0, 3.0, -np.inf, 1.0, np.nan, -1.0, 0.5, np.inf, 2.0])
+    for count in range(values.size + 1):
+        pruned = values.copy()
+        prune_module.zero_smallest(pruned, count)
+        np.testing.assert_array_equal(pruned, _sorted_zeros(values, count))
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_radix_select_finds_every_rank(slices, bits):
+    rng = np.random.default_rng(bits)
+    keys = rng.integers(0, 2**bits if bits < 64 else 2**63, size=500, dtype=f"u{bits // 8}")
+    keys[::7] = keys[3]  # a large tie
+
+    def stream():
+        return iter(np.array_split(keys, 6))
+
+    ordered = np.sort(keys)
+    for rank in (0, 1, 57, 249, 250, 498, 499):
+        key, below = prune_module.select_key(stream, rank, bits)
+        assert key == ordered[rank]
+        assert below == np.count_nonzero(keys < ordered[rank])
+
+
+def _sorted_global(arrays: list[np.ndarray], sparsity: float) -> list[np.ndarray]:
+    """The former implementation: float64 |w| / rms, concatenated, stable argsort."""
+    scores = []
+    for values in arrays:
+        magnitude = np.abs(values.astype(np.float64)).ravel()
+        rms = np.sqrt(np.mean(magnitude**2)) if magnitude.size else 0.0
+        scores.append(magnitude / rms if rms > 0 else magnitude)
+    joined = np.concatenate(scores)
+    chosen = np.zeros(joined.size, dtype=bool)
+    chosen[np.argsort(joined, kind="stable")[: round(sparsity * joined.size)]] = True
+    out, start = [], 0
+    for values in arrays:
+        mask = chosen[start : start + values.size].reshape(values.shape)
+        out.append(np.where(mask, 0, values).astype(values.dtype))
+        start += values.size
+    return out
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.6, 0.95])
+def test_global_selection_equals_a_full_sort(slices, sparsity):
+    rng = np.random.default_rng(2)
+    arrays = [
+        rng.standard_normal((30, 20)).astype(np.float32) * 0.01,
+        rng.standard_normal((7, 5, 3)).astype(np.float32) * 3,
+        _tied(rng, (50,)),  # ties inside the tensor
+        _tied(rng, (50,)) * 2,  # same scores as the previous one: ties across tensors
+        np.zeros((9,), np.float32),  # rms 0: raw magnitudes
+        rng.standard_normal((11, 11)).astype(np.float16),
+    ]
+    expected = _sorted_global(arrays, sparsity)
+    pruned = [a.copy() for a in arrays]
+    prune_module.zero_global(pruned, sparsity)
+    for got, want in zip(pruned, expected):
+        np.testing.assert_array_equal(got, want)
+    total = sum(a.size for a in arrays)
+    assert sum(np.count_nonzero(p == 0) for p in pruned) == round(sparsity * total)
+
+
+def _node(op: str, **attrs) -> gs.Node:
+    return gs.Node(op=op, attrs=attrs)
+
+
+def _sorted_pattern(values, layout, keep, group) -> np.ndarray:
+    """The former implementation: float64 rows, -1 padding, stable argsort per group."""
+    rows = np.abs(layout.to_rows(values)).astype(np.float64)
+    fan_in = rows.shape[1]
+    padded = np.full((rows.shape[0], -(-fan_in // group) * group), -1.0)
+    padded[:, :fan_in] = rows
+    grouped = padded.reshape(rows.shape[0], -1, group)
+    order = np.argsort(grouped, axis=-1, kind="stable")[..., : group - keep]
+    mask = np.zeros_like(grouped, dtype=bool)
+    np.put_along_axis(mask, order, True, axis=-1)
+    mask = layout.from_rows(mask.reshape(rows.shape[0], -1)[:, :fan_in])
+    return np.where(mask, 0, values).astype(values.dtype)
+
+
+@pytest.mark.parametrize(
+    ("node", "index", "shape"),
+    [
+        (_node("Conv"), 1, (6, 3, 3, 3)),  # fan-in 27: a partial last group
+        (_node("ConvTranspose", group=2), 1, (4, 3, 2, 2)),
+        (_node("Gemm", transB=0), 1, (10, 6)),  # rows are columns
+        (_node("Gemm", transB=1), 1, (6, 10)),
+        (_node("MatMul"), 1, (12, 5)),
+        (_node("MatMul"), 1, (2, 12, 5)),
+        (_node("Gather"), 0, (9, 4)),
+    ],
+)
+@pytest.mark.parametrize(("keep", "group"), [(2, 4), (1, 3), (3, 8), (5, 16)])
+def test_n_m_pattern_equals_the_per_group_sort(slices, node, index, shape, keep, group):
+    rng = np.random.default_rng(3)
+    layout = prune_module.row_layout(node, index, shape)
+    for values in (_tied(rng, shape), rng.standard_normal(shape).astype(np.float32)):
+        pruned = values.copy()
+        prune_module.zero_pattern(pruned, layout, keep, group)
+        np.testing.assert_array_equal(pruned, _sorted_pattern(values, layout, keep, group))
+        rows = layout.to_rows(pruned)
+        full = rows[:, : rows.shape[1] // group * group].reshape(rows.shape[0], -1, group)
+        assert np.all(np.sum(full == 0, axis=-1) >= group - keep)
+        again = pruned.copy()
+        prune_module.zero_pattern(again, layout, keep, group)
+        np.testing.assert_array_equal(again, pruned)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 1000, 4099])
+@pytest.mark.parametrize("percentile", [50, 90, 99.9, 100])
+def test_clip_percentile_limit_equals_numpy_higher(slices, size, percentile):
+    rng = np.random.default_rng(size)
+    clip = get_pass("clip-weights")(make_options(get_pass("clip-weights"), {}))
+    clip.options.percentile = percentile
+    for values in (rng.standard_normal(size).astype(np.float32), _tied(rng, (size,))):
+        want = np.percentile(np.abs(values.astype(np.float64)), percentile, method="higher")
+        assert clip._tensor_limit(values) == want
+
+
+def test_clip_sigma_limit_over_slices_matches_numpy(monkeypatch):
+    monkeypatch.setattr(prune_module, "CHUNK_ELEMENTS", 1000)
+    values = (np.random.default_rng(5).standard_normal(12345) * 3 + 1).astype(np.float32)
+    assert prune_module._std(values) == pytest.approx(values.astype(np.float64).std(), rel=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(0,), (), (3, 4), (700, 300)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_dense_size_is_computed_without_building_the_proto(shape, dtype):
+    values = np.ones(shape, dtype)
+    for name in ("", "W", "x" * 200):
+        expected = numpy_helper.from_array(values, name).ByteSize()
+        assert prune_module.dense_proto_bytes(name, values) == expected
+
+
+# ---------------------------------------------------------------------------- memory behaviour
+
+
+def _matmul_chain(*weights: np.ndarray) -> onnx.ModelProto:
+    nodes, inits, current = [], [], "x"
+    for i, w in enumerate(weights):
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [f"h{i}"], name=f"mm{i}"))
+        current = f"h{i}"
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", weights[0].shape[0]])],
+        [helper.make_tensor_value_info(current, TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _run_pass(graph: gs.Graph, model: onnx.ModelProto, name: str, **options):
+    return run_pass_on_graph(name, graph, model, **options)
+
+
+def test_weights_the_pass_does_not_change_stay_lazily_loaded():
+    rng = np.random.default_rng(6)
+    sparse_enough = rng.standard_normal((64, 64)).astype(np.float32)
+    sparse_enough[:, :40] = 0
+    model = _matmul_chain(rng.standard_normal((64, 64)).astype(np.float32), sparse_enough)
+    graph = to_graph(model)
+    result = _run_pass(graph, model, "prune-initializers", sparsity=0.5, reconstruct=False)
+    tensors = graph.tensors()
+    assert isinstance(tensors["W0"]._values, np.ndarray)  # pruned: a new array
+    assert type(tensors["W1"]._values) is LazyValues  # already 62.5 % zeros: untouched
+    assert [t["zeroed"] for t in result.details["tensors"]] == [2048, 0]
+    graph = to_graph(model)
+    assert not _run_pass(graph, model, "clip-weights", percentile=100).changed
+    assert all(type(graph.tensors()[n]._values) is LazyValues for n in ("W0", "W1"))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"sparsity": 0.5},
+        {"sparsity": 0.5, "scope": "global"},
+        {"pattern": "2:4"},
+        {"threshold": 0.5},
+    ],
+)
+def test_prune_never_writes_into_arrays_a_graph_copy_shares(options):
+    rng = np.random.default_rng(7)
+    model = _matmul_chain(*(rng.standard_normal((32, 32)).astype(np.float32) for _ in range(2)))
+    original = to_graph(model)
+    for tensor in original.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            tensor.values = tensor.values  # materialize: the copy shares these arrays
+    kept = {name: t.values.copy() for name, t in original.tensors().items() if name[0] == "W"}
+    candidate = original.copy()
+    result = _run_pass(candidate, model, "prune-initializers", reconstruct=False, **options)
+    assert result.changed
+    for name, values in kept.items():
+        np.testing.assert_array_equal(original.tensors()[name].values, values)
+        assert not np.array_equal(candidate.tensors()[name].values, values)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_clip_never_writes_into_arrays_a_graph_copy_shares(granularity):
+    model = _matmul_chain(np.random.default_rng(8).standard_normal((32, 32)).astype(np.float32))
+    original = to_graph(model)
+    tensor = original.tensors()["W0"]
+    tensor.values = tensor.values
+    kept = tensor.values.copy()
+    candidate = original.copy()
+    options = {"percentile": 90, "granularity": granularity}
+    assert _run_pass(candidate, model, "clip-weights", **options).changed
+    np.testing.assert_array_equal(tensor.values, kept)
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        {"name": "prune-initializers", "sparsity": 0.5, "reconstruct": False},
+        {"name": "prune-initializers", "sparsity": 0.5, "scope": "global", "reconstruct": False},
+        {"name": "prune-initializers", "pattern": "2:4", "reconstruct": False},
+        {"name": "clip-weights", "percentile": 99},
+        {"name": "clip-weights", "sigma": 2, "granularity": "channel"},
+    ],
+)
+def test_pass_needs_at_most_one_extra_tensor_beyond_its_output(monkeypatch, pipeline):
+    """Peak Python/numpy allocations while the pass runs (tracemalloc) stay within the
+    new arrays it assigns plus one tensor (decoding a lazily loaded weight copies the
+    proto's bytes once) plus slice-sized temporaries."""
+    import tracemalloc
+
+    monkeypatch.setattr(prune_module, "CHUNK_ELEMENTS", 1 << 14)
+    rng = np.random.default_rng(9)
+    shape = (512, 1024)  # 2 MiB of float32 per tensor
+    model = _matmul_chain(*(rng.standard_normal(shape).astype(np.float32) for _ in range(3)))
+    options = dict(pipeline)
+    name = options.pop("name")
+    graph = to_graph(model)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        assert _run_pass(graph, model, name, **options).changed
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    tensor_bytes = 4 * shape[0] * shape[1]
+    assert peak <= 3 * tensor_bytes + tensor_bytes + (1 << 20), peak / tensor_bytes
+
+
+def test_refit_of_a_layer_over_the_memory_limit_is_skipped_before_any_activation(monkeypatch):
+    monkeypatch.setattr(prune_module, "RECONSTRUCT_MAX_BYTES", 10_000)
+
+    def no_activations(*args, **kwargs):
+        raise AssertionError("activations requested for a layer too large to refit")
+
+    monkeypatch.setattr(PassContext, "activations", no_activations)
+    rng = np.random.default_rng(10)
+    model = _matmul_chain(*(rng.standard_normal((64, 64)).astype(np.float32) for _ in range(2)))
+    step = optimize(model, "prune-initializers(sparsity=0.5,min_size=0)").steps[0]
+    assert step["status"] == "accepted"
+    notes = " ".join(step["notes"])
+    assert notes.count("MiB of float64 Gram matrices") == 2
+    assert step["counts"]["weights_zeroed"] == 2 * 64 * 32
+
+
+def test_auto_search_frees_each_candidate_before_the_next():
+    """Candidates are graphsurgeon graphs (reference cycles): the search must not keep
+    one model's worth of new arrays per evaluation until the cyclic GC runs. (The
+    remaining peak is the candidate, its export and the final pruning.)"""
+    import gc
+    import tracemalloc
+
+    rng = np.random.default_rng(11)
+    weights = [rng.standard_normal((512, 512)).astype(np.float32) for _ in range(3)]
+    model = _matmul_chain(*weights)
+    model_bytes = sum(w.nbytes for w in weights)
+    text = "prune-initializers(sparsity=auto,reconstruct=false,min_size=0)"
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        step = optimize(model, text, validation_samples=2, calibration_samples=2).steps[0]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert len(step["details"]["auto_curve"]) >= 5
+    assert peak < 6 * model_bytes, peak / model_bytes  # 10x when each candidate stays
