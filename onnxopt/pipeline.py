@@ -731,9 +731,12 @@ class PassManager:
         except Exception as exc:
             return None, [f"onnxruntime cannot load the result: {first_line(exc)}"]
         samples = state.validation
-        outputs = runtime.run_samples(
-            session, self.progress(samples, desc=f"checking {record.step}", total=len(samples))
-        )
+        try:
+            outputs = runtime.run_samples(
+                session, self.progress(samples, desc=f"checking {record.step}", total=len(samples))
+            )
+        except Exception as exc:  # e.g. out of memory on shapes the original never needed
+            return None, [f"onnxruntime cannot run the result: {first_line(exc)}"]
         record.vs_original = compare_outputs(state.reference, outputs, budget.tolerance)
         record.vs_previous = compare_outputs(state.previous, outputs, budget.tolerance)
         gated = record.vs_previous if record.lossless else record.vs_original

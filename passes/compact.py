@@ -29,8 +29,9 @@ outer tensor by name), local functions, optional-input placeholders (empty names
 graph whose names are already the ones this pass would choose is left unchanged, so the
 pass is idempotent.
 
-A renamed initializer gets a copy of its TensorProto: onnx-graphsurgeon writes the new
-name into the proto it exports, which would otherwise be the previous model's own.
+Sparse initializers keep their names (graphsurgeon exports a sparse tensor as the proto
+it was imported from, name included). A renamed initializer's TensorProto is copied
+on export (``onnxopt.graph.to_model``), so the previous model keeps its names.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from onnxopt.graph import iter_nodes
 from onnxopt.pipeline import Pass, PassContext, PassResult, matches_any, option, register_pass
@@ -139,22 +140,15 @@ class CompactPass(Pass):
                     or tensor.name in in_bodies
                     or matches_any(tensor.name, opts.keep)
                     or (opts.names == "activations" and isinstance(tensor, gs.Constant))
+                    or isinstance(getattr(tensor, "_values", None), SparseValues)
                 ):
                     continue
                 yield tensor
 
     @staticmethod
     def _try_rename(tensor: gs.Tensor, name: str) -> None:
-        values = getattr(tensor, "_values", None)
-        if isinstance(values, LazyValues):
-            # graphsurgeon exports a lazily loaded constant by renaming the very proto
-            # it was imported from: the previous model's. Give it its own copy.
-            proto = type(values.tensor)()
-            proto.CopyFrom(values.tensor)
-            copied = object.__new__(type(values))
-            copied.__dict__.update(values.__dict__)
-            copied.tensor = proto
-            tensor._values = copied
+        # a lazily loaded constant keeps its snapshot's proto intact: to_model gives a
+        # renamed constant its own copy (graphsurgeon would rename the proto in place)
         tensor.name = name
 
     # ------------------------------------------------------------------ nodes, shapes

@@ -168,3 +168,33 @@ def test_compact_as_a_pipeline_step():
     assert step["status"] == "accepted" and step["lossless"], step["reason"]
     assert step["after"]["size"] < 0.9 * step["before"]["size"]
     assert Counter(op_types(result.model)) == Counter(op_types(load("digits_transformer")))
+
+
+def test_sparse_initializers_keep_their_names():
+    # graphsurgeon exports a sparse constant as its original proto: renaming only the
+    # graph tensor would leave the consumer reading a name nothing defines
+    dense = np.zeros((4, 3), np.float32)
+    dense[1, 2], dense[3, 0] = 1.5, -2.0
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(dense[dense != 0], "weights_with_a_long_name"),
+        numpy_helper.from_array(np.flatnonzero(dense).astype(np.int64), "idx"),
+        [4, 3],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "weights_with_a_long_name"], ["hidden_out"]),
+            helper.make_node("Relu", ["hidden_out"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        sparse_initializer=[sparse],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = onnxopt.optimize(model, "compact")
+    assert result.steps[0]["status"] == "accepted", result.steps[0]["reason"]
+    out = result.model
+    assert [s.values.name for s in out.graph.sparse_initializer] == ["weights_with_a_long_name"]
+    assert out.graph.node[0].input[1] == "weights_with_a_long_name"
+    assert out.graph.node[0].output[0] == "a"  # the activation is still renamed
+    assert structural_checks(out)[0].ok
