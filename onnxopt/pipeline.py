@@ -436,7 +436,8 @@ class PassContext:
     evaluator: Callable[[gs.Graph], Evaluation] | None = None
 
     def evaluate(self, graph: gs.Graph) -> Evaluation:
-        """Measure ``graph`` exactly as the PassManager will (budget, reference)."""
+        """Measure ``graph`` exactly as the PassManager will (budget, reference). A graph
+        onnxruntime cannot load or run comes back failed, with the reason as violation."""
         if self.evaluator is None:
             raise RuntimeError("no evaluator in this context")
         return self.evaluator(graph)
@@ -651,7 +652,11 @@ class PassManager:
 
         def evaluate(graph: gs.Graph) -> Evaluation:
             candidate = graph_utils.to_model(graph.copy(), accepted)
-            outputs = runtime.run_samples(runtime.make_session(candidate), state.validation)
+            try:
+                session = runtime.make_session(candidate)
+                outputs = runtime.run_samples(session, state.validation)
+            except Exception as exc:  # a candidate that cannot run fails its budget
+                return Evaluation({}, [f"onnxruntime cannot run the candidate: {first_line(exc)}"])
             metrics = compare_outputs(target, outputs, budget.tolerance)
             return Evaluation(metrics, budget.violations(metrics))
 

@@ -256,3 +256,31 @@ def test_rolled_back_rename_does_not_rename_the_snapshot():
     names = {t.name for t in result.model.graph.initializer}
     assert not any(n.endswith("_renamed") for n in names)
     assert {"fc1.weight", "fc2.weight"} <= names
+
+
+SEEN: list = []
+
+
+class EvaluatesBrokenGraph(Pass):
+    """Measures a candidate onnxruntime cannot load, then keeps the graph unchanged."""
+
+    name = "test-evaluate-broken"
+    summary = "evaluate a broken candidate"
+
+    def run(self, graph, ctx):
+        broken = graph.copy()
+        broken.nodes[0].op = "NoSuchOp"
+        SEEN.append(ctx.evaluate(broken))
+        return PassResult(changed=False)
+
+
+def test_evaluating_a_candidate_onnxruntime_cannot_run_is_a_failed_evaluation():
+    register_pass(EvaluatesBrokenGraph)
+    try:
+        result = onnxopt.optimize(model_path("digits_mlp"), "test-evaluate-broken")
+    finally:
+        unregister_pass("test-evaluate-broken")
+    assert result.steps[0]["status"] == "no-op"
+    (evaluation,) = SEEN
+    assert not evaluation.ok and evaluation.metrics == {}
+    assert evaluation.violations[0].startswith("onnxruntime cannot run the candidate")
