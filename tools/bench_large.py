@@ -27,15 +27,12 @@ PIPELINES = {
     "share": "share-weights(bits=4)",
     "int8": "quantize-int8(rounding=nearest)",
 }
-# what the installed `onnxopt` console script runs. (`python -m onnxopt` peaks 1.3 GB
-# higher on the quantize-int8 row, same code and imports; not understood yet.)
-ENTRY = "import sys; from onnxopt.cli import main; sys.exit(main(sys.argv[1:]))"
 COMMON = ["--shape", "input=1x8192", "--val-samples", "2", "--calib-samples", "4"]
 
 
 def run_one(model: Path, pipeline: str, output: Path) -> dict:
     argv = [
-        sys.executable, "-c", ENTRY, "optimize", str(model), "-o", str(output),
+        sys.executable, "-m", "onnxopt", "optimize", str(model), "-o", str(output),
         "--passes", pipeline, *COMMON, "--budget", "none", "-q",
     ]  # fmt: skip
     started = time.perf_counter()
