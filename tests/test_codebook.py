@@ -12,17 +12,13 @@ from conftest import MODELS, accuracy, apply_pass, model_path, run, seeded_feeds
 from onnx import numpy_helper
 
 import onnxopt
+import onnxopt.passes.codebook
 import onnxopt.passes.compact  # registers compact
 from onnxopt.check import assert_equivalent, structural_checks
 from onnxopt.errors import UsageError
 from onnxopt.graph import to_graph, to_model, weight_refs
 from onnxopt.model import compressed_size, opset_version
-from onnxopt.passes.codebook import (  # importing it registers share-weights
-    _PrefixSums,
-    encode,
-    kmeans_1d,
-    pack_uint4,
-)
+from onnxopt.passes.codebook.kmeans import _PrefixSums, encode, kmeans_1d, pack_uint4
 from onnxopt.pipeline import PassResult, get_pass, make_options
 from onnxopt.runtime import make_session, run_samples
 
