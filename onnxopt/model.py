@@ -400,7 +400,7 @@ def save_model(
         if data_name:
             os.replace(Path(tmp) / data_name, target.with_name(data_name))
         else:
-            tmp_model.write_bytes(serialize(model))
+            write_serialized(model, tmp_model)
         os.replace(tmp_model, target)  # the commit point: the new model appears whole
     _remove_stale_data_files(target, keep=data_name, guarded=guarded)
     return target
@@ -446,14 +446,20 @@ def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     the weights are never copied (``CopyFrom`` would copy them all). Only fields that
     are set are copied: proto2 serializes a field set to its default."""
     light = onnx.ModelProto()
-    _copy_fields(model, light, skip="graph")
-    _copy_fields(model.graph, light.graph, skip="initializer")
+    _copy_fields(model, light, lambda number: number != GRAPH_FIELD)
+    _copy_fields(model.graph, light.graph, lambda number: number != INITIALIZER_FIELD)
     return light
 
 
-def _copy_fields(source, target, skip: str) -> None:
+GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number  # 7
+INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number  # 5
+RAW_DATA_FIELD = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number  # 9
+
+
+def _copy_fields(source, target, keep) -> None:
+    """Copy the set fields of ``source`` whose number ``keep`` accepts into ``target``."""
     for descriptor, value in source.ListFields():
-        if descriptor.name == skip:
+        if not keep(descriptor.number):
             continue
         if descriptor.is_repeated:
             getattr(target, descriptor.name).extend(value)
@@ -662,6 +668,75 @@ def _stored_model_nbytes(model: onnx.ModelProto) -> int:
         inlined = bare.ByteSize() + _field_len(external_range(tensor)[1])
         full_graph += _field_len(inlined) - _field_len(tensor.ByteSize())
     return model.ByteSize() - _field_len(graph_size) + _field_len(full_graph)
+
+
+def write_serialized(model: onnx.ModelProto, path: Path) -> None:
+    """Write ``serialize(model)`` to ``path``; a model with stored tensors is streamed
+    (the weights are never all in memory: a single-file save of a disk-backed run's
+    result would otherwise hold them twice, as a proto and as its bytes).
+
+    Protobuf writes known fields in field-number order, so the message is assembled
+    from serialized pieces around the initializers (``tests/test_store.py`` checks
+    the bytes against ``serialize``).
+    """
+    if not has_stored(model):
+        path.write_bytes(serialize(model))
+        return
+    if proto_nbytes(model) > PROTOBUF_LIMIT:
+        raise ModelError("model is too large to serialize in one file; save it with external data")
+    graph = model.graph
+    entries: list[tuple[bytes, TensorProto | None, bytes]] = []
+    for tensor in graph.initializer:
+        if stored_path(tensor) is None:
+            body = tensor.SerializeToString()
+            entries.append((_length_prefix(INITIALIZER_FIELD, len(body)) + body, None, b""))
+            continue
+        length = external_range(tensor)[1]
+        head = _only_fields(tensor, lambda number: number in (1, 2, 8))  # dims, type, name
+        tail = _only_fields(tensor, lambda number: number == 12)  # doc_string
+        body_length = len(head) + _field_len(length) + len(tail)
+        prefix = _length_prefix(INITIALIZER_FIELD, body_length) + head
+        entries.append((prefix + _length_prefix(RAW_DATA_FIELD, length), tensor, tail))
+    graph_head = _only_fields(graph, lambda number: number < INITIALIZER_FIELD)
+    graph_tail = _only_fields(graph, lambda number: number > INITIALIZER_FIELD)
+    graph_length = len(graph_head) + len(graph_tail)
+    for prefix, tensor, tail in entries:
+        graph_length += len(prefix) + len(tail)
+        if tensor is not None:
+            graph_length += external_range(tensor)[1]
+    with open(path, "wb") as out:
+        out.write(_only_fields(model, lambda number: number < GRAPH_FIELD))
+        out.write(_length_prefix(GRAPH_FIELD, graph_length))
+        out.write(graph_head)
+        for prefix, tensor, tail in entries:
+            out.write(prefix)
+            if tensor is not None:
+                for block in iter_stored_chunks(tensor):
+                    out.write(block)
+            out.write(tail)
+        out.write(graph_tail)
+        out.write(_only_fields(model, lambda number: number > GRAPH_FIELD))
+
+
+def _only_fields(message, keep) -> bytes:
+    """``message`` serialized with only the set fields whose number ``keep`` accepts."""
+    part = type(message)()
+    _copy_fields(message, part, keep)
+    return part.SerializeToString()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _length_prefix(number: int, length: int) -> bytes:
+    """Tag and length of a length-delimited field (field numbers below 16)."""
+    return bytes([number << 3 | 2]) + _varint(length)
 
 
 def serialize(model: onnx.ModelProto) -> bytes:

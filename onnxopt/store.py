@@ -18,7 +18,7 @@ docs/large-models.md:
   for such sessions, which would copy every MatMul weight);
 - the onnx checker runs on the light model by path, so models over 2 GB get the same
   structural checks as small ones;
-- saving streams the stored bytes into the output's data file.
+- saving streams the stored bytes into the output (its data file, or the one .onnx file).
 
 Files no model refers to any more are deleted after each step (:meth:`collect`); the
 folder goes when the store is closed or garbage-collected, and folders left by killed

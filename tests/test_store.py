@@ -28,6 +28,7 @@ from onnxopt.model import (
     save_model,
     serialize,
     stored_path,
+    write_serialized,
 )
 from onnxopt.pipeline import Pass, PassResult, option, register_pass, unregister_pass
 from onnxopt.store import FOLDER_PREFIX, WeightStore, remove_orphaned_stores, spill_threshold
@@ -210,6 +211,9 @@ def test_exact_size_of_a_model_with_stored_weights(tmp_path):
     assert has_stored(light)
     assert proto_nbytes(light) == model.ByteSize() == len(serialize(light))
     assert inline_stored(light) == model
+    # a single-file save streams the stored bytes into the same serialization
+    write_serialized(light, tmp_path / "streamed.onnx")
+    assert (tmp_path / "streamed.onnx").read_bytes() == model.SerializeToString()
     store.close()
     assert not store.folder.exists()
 
@@ -276,7 +280,7 @@ open("/proc/self/clear_refs", "w").write("5")
 before = high_water()
 result = onnxopt.optimize(sys.argv[1], sys.argv[2], shapes=["input=1x4096"],
                           validation_samples=2, calibration_samples=2, budget="none")
-result.save(sys.argv[3], external_data=True)  # streamed from the store
+result.save(sys.argv[3])  # one file, streamed from the store
 print(before, high_water())
 """
 
