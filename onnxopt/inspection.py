@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt import graph as graph_utils
 from onnxopt.data import input_specs
@@ -19,7 +20,9 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     graph = graph_utils.to_graph(model)
     weights = []
     for tensor in sorted(graph_utils.constants(graph), key=lambda t: t.name):
-        values = tensor.values
+        # read each weight without caching it in the graph: one tensor in memory at a time
+        lazy = isinstance(tensor._values, LazyValues)
+        values = tensor._values.load() if lazy else tensor.values
         if values.dtype == np.int64 and values.size < 64:
             continue  # shape / axes constants are not weights
         weights.append(
@@ -32,7 +35,9 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                 ),
                 "shape": list(values.shape),
                 "elements": int(values.size),
-                "sparsity": float(np.mean(values == 0)) if values.size else 0.0,
+                "sparsity": (values.size - np.count_nonzero(values)) / values.size
+                if values.size
+                else 0.0,
             }
         )
     size = proto_nbytes(model)
