@@ -6,23 +6,30 @@ import os
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt import graph as graph_utils
 from onnxopt.data import input_specs
-from onnxopt.model import compressed_size, load_model, proto_nbytes
+from onnxopt.model import (
+    compressed_size,
+    external_file,
+    load_model,
+    proto_nbytes,
+    read_external_array,
+)
+from onnxopt.store import spill_threshold
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
-    loaded = load_model(path)
+    # large external data stays on disk; each weight is read, measured and dropped
+    loaded = load_model(path, lazy_over=spill_threshold())
     model = loaded.proto
     graph = graph_utils.to_graph(model)
     weights = []
     for tensor in sorted(graph_utils.constants(graph), key=lambda t: t.name):
-        # read each weight without caching it in the graph: one tensor in memory at a time
-        lazy = isinstance(tensor._values, LazyValues)
-        values = tensor._values.load() if lazy else tensor.values
+        values = _read(tensor, loaded)
         if values.dtype == np.int64 and values.size < 64:
             continue  # shape / axes constants are not weights
         weights.append(
@@ -52,13 +59,30 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "ops": graph_utils.op_histogram(graph),
         "params": graph_utils.param_count(graph),
         "size_bytes": size,
-        "compressed_bytes": compressed_size(model) if size < 512 * 2**20 else None,
+        "compressed_bytes": (
+            compressed_size(model) if size < 512 * 2**20 and not loaded.lazy else None
+        ),
         "external_data_files": [str(p) for p in loaded.external_files],
         "subgraphs": sum(
             1 for n in graph.nodes for v in n.attrs.values() if isinstance(v, gs.Graph)
         ),
         "weights": weights,
     }
+
+
+def _read(tensor: gs.Constant, loaded) -> np.ndarray:
+    """A constant's values, not cached in the graph (one weight in memory at a time)."""
+    lazy = tensor._values
+    if not isinstance(lazy, LazyValues):
+        return tensor.values
+    proto = lazy.tensor
+    if (
+        loaded.lazy
+        and isinstance(proto, onnx.TensorProto)
+        and proto.data_location == onnx.TensorProto.EXTERNAL
+    ):
+        return read_external_array(proto, external_file(proto, loaded.base_dir))
+    return lazy.load()
 
 
 def format_description(info: dict[str, Any]) -> str:

@@ -592,16 +592,33 @@ def iter_file_range(
 
 def read_stored_array(tensor: TensorProto) -> np.ndarray:
     """A stored tensor's values as a new, writable array (one copy, straight from disk)."""
+    path = stored_path(tensor)
+    if path is None:
+        raise ValueError(f"tensor {tensor.name!r} is not a stored tensor")
+    return read_external_array(tensor, path)
+
+
+def read_external_array(tensor: TensorProto, path: Path) -> np.ndarray:
+    """The values of an external-data tensor whose data file is ``path`` (already
+    validated: ``validate_external_data``), read in one copy."""
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     dims = tuple(int(d) for d in tensor.dims)
+    offset, length = external_range(tensor)
     if dtype.kind in "biuf" and tensor.data_type not in _SUB_BYTE_BITS:
-        offset, length = external_range(tensor)
-        with open(stored_path(tensor), "rb") as file:  # type: ignore[arg-type]
+        with open(path, "rb") as file:
             file.seek(offset)
             array = np.fromfile(file, dtype=dtype, count=length // dtype.itemsize)
         return array.reshape(dims)
-    full = _inlined(tensor)  # packed sub-byte and ml_dtypes types: onnx decodes them
+    full = TensorProto()  # packed sub-byte and ml_dtypes types: onnx decodes them
+    _copy_header(full, tensor)
+    full.raw_data = b"".join(iter_file_range(path, offset, length, what=f"tensor {tensor.name!r}"))
     return np.array(numpy_helper.to_array(full))
+
+
+def external_file(tensor: TensorProto, base_dir: Path) -> Path:
+    """The data file of an external tensor of a model loaded from ``base_dir``."""
+    location = next(e.value for e in tensor.external_data if e.key == "location")
+    return base_dir / location
 
 
 def _copy_header(target: TensorProto, tensor: TensorProto) -> None:

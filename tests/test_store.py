@@ -321,3 +321,16 @@ def test_peak_memory_of_a_512_mb_model(tmp_path, pipeline):
     start, peak = (int(x) for x in done.stdout.split()[-2:])
     assert peak - start < 1.6 * size, (peak, start, size)
     assert peak < 2.5 * size
+
+
+def test_inspect_reads_large_external_weights_lazily(tmp_path, monkeypatch):
+    from onnxopt.inspection import describe
+
+    path, _ = _external_copy(tmp_path, "digits_cnn")
+    eager = describe(path)
+    monkeypatch.setenv("ONNXOPT_SPILL_BYTES", "0")
+    lazy = describe(path)
+    assert load_model(path, lazy_over=0).lazy
+    assert lazy["weights"] == eager["weights"] and len(lazy["weights"]) >= 8
+    assert lazy["params"] == eager["params"] == 12778
+    assert lazy["compressed_bytes"] is None
