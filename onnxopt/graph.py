@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from onnxopt.model import sparse_to_dense, stored_path, without_initializers
+from onnxopt.model import initializers_as_inputs, sparse_to_dense, stored_path
 from onnxopt.store import active_store, wrap_stored
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,10 @@ def convert_opset(
     """
     from onnxopt.errors import first_line
 
-    model, stubs, added = _detach_stored(to_model(graph.copy(), template))
+    # stored (on-disk) weights go in as typed inputs: the converter reads every byte
+    model, stubs, added = initializers_as_inputs(
+        to_model(graph.copy(), template), lambda t: stored_path(t) is not None
+    )
     try:
         converted = onnx.version_converter.convert_version(model, target)
         if validate:
@@ -268,25 +271,6 @@ def convert_opset(
     del converted.graph.value_info[:]
     converted.graph.value_info.extend(kept)
     replace_contents(graph, to_graph(converted))
-
-
-def _detach_stored(model: onnx.ModelProto):
-    """For onnx tools that read every initializer (version converter, checker):
-    ``(view, stubs, added)``, the model with its stored (on-disk) weights turned into
-    typed graph inputs, the stubs to put back and the names of the inputs added.
-    Returns ``(model, [], set())`` when nothing is stored."""
-    stubs = [t for t in model.graph.initializer if stored_path(t) is not None]
-    if not stubs:
-        return model, [], set()
-    view = without_initializers(model)
-    view.graph.initializer.extend(t for t in model.graph.initializer if stored_path(t) is None)
-    declared = {v.name for v in view.graph.input}
-    view.graph.input.extend(
-        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-        for t in stubs
-        if t.name not in declared
-    )
-    return view, stubs, {t.name for t in stubs} - declared
 
 
 def lift_constant_nodes(graph: gs.Graph) -> int:

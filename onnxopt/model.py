@@ -451,6 +451,26 @@ def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
+def initializers_as_inputs(model: onnx.ModelProto, pick) -> tuple[onnx.ModelProto, list, set]:
+    """For onnx tools that would read (or serialize) every initializer: ``(view, moved,
+    added)``, a light copy of ``model`` whose initializers ``pick`` accepts are typed
+    graph inputs instead (same name, dtype and dims, no data), the moved initializers,
+    and the names of the inputs that were added. ``(model, [], set())`` if none is."""
+    moved = [t for t in model.graph.initializer if pick(t)]
+    if not moved:
+        return model, [], set()
+    moved_names = {t.name for t in moved}
+    view = without_initializers(model)
+    view.graph.initializer.extend(t for t in model.graph.initializer if t.name not in moved_names)
+    declared = {v.name for v in view.graph.input}
+    view.graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in moved
+        if t.name not in declared
+    )
+    return view, moved, moved_names - declared
+
+
 GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number  # 7
 INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number  # 5
 RAW_DATA_FIELD = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number  # 9
@@ -665,12 +685,9 @@ def inline_stored(model: onnx.ModelProto) -> onnx.ModelProto:
     return full
 
 
-def _varint_len(value: int) -> int:
-    return max(1, (value.bit_length() + 6) // 7)
-
-
 def _field_len(payload: int) -> int:
-    return 1 + _varint_len(payload) + payload  # one-byte tag: field numbers below 16
+    """Serialized size of a length-delimited field (tag, length, payload)."""
+    return len(_length_prefix(1, payload)) + payload
 
 
 def _stored_model_nbytes(model: onnx.ModelProto) -> int:

@@ -16,10 +16,10 @@ import onnxruntime as ort
 
 from onnxopt.model import (
     densify_sparse_initializers,
+    initializers_as_inputs,
     materialized,
     stored_nbytes,
     tensor_nbytes,
-    without_initializers,
 )
 
 Feed = Mapping[str, np.ndarray]
@@ -175,21 +175,10 @@ def typed_view(model: onnx.ModelProto) -> onnx.ModelProto:
     never decide a shape, so their types are all it needs. Small initializers (shape
     constants) keep their values. Returns ``model`` itself when nothing is large.
     """
-    large = [t for t in model.graph.initializer if tensor_nbytes(t) > TYPED_VIEW_MIN_BYTES]
-    if not large:
-        return model
-    light = without_initializers(model)
-    light.ir_version = max(model.ir_version, 4)
-    graph, source = light.graph, model.graph
-    large_names = {t.name for t in large}
-    graph.initializer.extend(t for t in source.initializer if t.name not in large_names)
-    declared = {v.name for v in graph.input}
-    graph.input.extend(
-        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-        for t in large
-        if t.name not in declared
-    )
-    return light
+    view, _, _ = initializers_as_inputs(model, lambda t: tensor_nbytes(t) > TYPED_VIEW_MIN_BYTES)
+    if view is not model:
+        view.ir_version = max(model.ir_version, 4)  # inputs without initializers
+    return view
 
 
 def iter_activations(

@@ -49,6 +49,7 @@ from onnxopt.model import (
     EXTERNAL_MIN_BYTES,
     _external_stub,
     _process_alive,
+    external_file,
     external_range,
     forget_stored_file,
     iter_file_range,
@@ -265,8 +266,7 @@ def _external_chunks(tensor: TensorProto, base_dir: Path | None) -> Iterator[byt
         raise ModelError(
             f"tensor {tensor.name!r} refers to external data but the model has no folder"
         )
-    location = next(e.value for e in tensor.external_data if e.key == "location")
-    path = Path(base_dir) / location
+    path = external_file(tensor, Path(base_dir))
     yield from iter_file_range(path, *external_range(tensor), what=f"tensor {tensor.name!r}")
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import pytest
-from conftest import MODELS, model_path, run, seeded_feeds
+from conftest import MODELS, ROOT, model_path, run, seeded_feeds
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
@@ -34,6 +34,7 @@ from onnxopt.pipeline import Pass, PassResult, option, register_pass, unregister
 from onnxopt.store import FOLDER_PREFIX, WeightStore, remove_orphaned_stores, spill_threshold
 
 DATA = str(MODELS / "digits_test.npz")
+sys.path.insert(0, str(ROOT / "tools"))
 
 
 @pytest.fixture
@@ -289,26 +290,10 @@ print(before, high_water())
 @pytest.mark.parametrize("pipeline", ["cleanup,prune-initializers(sparsity=0.5,reconstruct=false)"])
 def test_peak_memory_of_a_512_mb_model(tmp_path, pipeline):
     """Above the spill threshold, peak RSS stays near one copy of the weights."""
-    rng = np.random.default_rng(0)
-    width, layers = 4096, 8
-    nodes, inits, current = [], [], "input"
-    for i in range(layers):
-        w = (rng.standard_normal((width, width), dtype=np.float32) / 64).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        out = "output" if i == layers - 1 else f"h{i}"
-        nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [out]))
-        current = out
-    graph = helper.make_graph(
-        nodes,
-        "big",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", width])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", width])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    path = save_model(model, tmp_path / "big.onnx", external_data=True)
-    size = sum(t.ByteSize() for t in inits)
-    del model, graph, inits, w
+    import make_large_model  # tools/: the model of docs/large-models.md, smaller
+
+    path = tmp_path / "big.onnx"
+    size = make_large_model.build(path, layers=8, width=4096, seed=0)
     env = {**os.environ, "ONNXOPT_SPILL_BYTES": str(256 * 2**20)}
     done = subprocess.run(
         [sys.executable, "-c", MEMORY_SCRIPT, str(path), pipeline, str(tmp_path / "out.onnx")],

@@ -91,10 +91,7 @@ def _conv(node: gs.Node, cg: ChannelGraph) -> None:
     shape = tuple(weight.shape)
     group = int(node.attrs.get("group", 1))
     out_channels, in_channels = shape[0], shape[1] * group
-    layout = cg.layout(x)
-    if layout is not None and (layout.axis != 1 or len(layout) != in_channels):
-        cg.block(node, "input channels are not its tracked axis")
-        layout = None
+    layout = _channel_input(node, cg, x, in_channels)
     if group > 1 and shape[1] == 1:
         _depthwise(node, cg, layout, weight, out_channels // group)
         return
@@ -109,6 +106,16 @@ def _conv(node: gs.Node, cg: ChannelGraph) -> None:
     if group > 1:
         cg.constrain(np.split(out.atoms, group), f"grouped {_name(node)} (group={group})")
     cg.mac_term(node, layout, out)
+
+
+def _channel_input(node: gs.Node, cg: ChannelGraph, x: gs.Tensor, in_channels: int):
+    """Layout of a Conv/ConvTranspose input, or None; an input tracked on another axis
+    (or with another width) blocks the node."""
+    layout = cg.layout(x)
+    if layout is not None and (layout.axis != 1 or len(layout) != in_channels):
+        cg.block(node, "input channels are not its tracked axis")
+        return None
+    return layout
 
 
 def _depthwise(node, cg, layout, weight, multiplier) -> None:
@@ -134,10 +141,7 @@ def _conv_transpose(node: gs.Node, cg: ChannelGraph) -> None:
     shape = tuple(weight.shape)
     group = int(node.attrs.get("group", 1))
     in_channels, out_channels = shape[0], shape[1] * group
-    layout = cg.layout(x)
-    if layout is not None and (layout.axis != 1 or len(layout) != in_channels):
-        cg.block(node, "input channels are not its tracked axis")
-        layout = None
+    layout = _channel_input(node, cg, x, in_channels)
     if group > 1 and group == in_channels:
         if layout is not None:
             out = layout.repeat(shape[1]).varying()

@@ -24,11 +24,8 @@ from onnxopt.passes.neurons.layout import Layout, block_of, normalize_axis, resh
 
 @channel_handler("Resize", "Upsample")
 def _resize(node: gs.Node, cg: ChannelGraph) -> None:
-    layout = cg.layout(input_at(node, 0))
+    layout = _data_layout(node, cg, "a parameter")
     if layout is None:
-        return
-    if any(cg.layout(t) is not None for t in node.inputs[1:]):
-        cg.block(node, "a tracked tensor is used as a parameter")
         return
     scales_index = 1 if node.op == "Upsample" or cg.opset < 11 else 2
     axes = node.attrs.get("axes")
@@ -54,6 +51,16 @@ def _resize(node: gs.Node, cg: ChannelGraph) -> None:
     cg.set_layout(node.outputs[0], layout)
 
 
+def _data_layout(node: gs.Node, cg: ChannelGraph, parameters: str) -> Layout | None:
+    """Layout of the data input (0); None when it is not tracked, or when a tracked
+    tensor feeds one of the other inputs (``parameters``), which blocks the node."""
+    layout = cg.layout(input_at(node, 0))
+    if layout is not None and any(cg.layout(t) is not None for t in node.inputs[1:]):
+        cg.block(node, f"a tracked tensor is used as {parameters}")
+        return None
+    return layout
+
+
 def _position(axes, layout: Layout) -> int | None:
     normalized = [normalize_axis(int(a), layout.rank) for a in axes]
     return normalized.index(layout.axis) if layout.axis in normalized else None
@@ -61,11 +68,8 @@ def _position(axes, layout: Layout) -> int | None:
 
 @channel_handler("Pad")
 def _pad(node: gs.Node, cg: ChannelGraph) -> None:
-    layout = cg.layout(input_at(node, 0))
+    layout = _data_layout(node, cg, "a parameter")
     if layout is None:
-        return
-    if any(cg.layout(t) is not None for t in node.inputs[1:]):
-        cg.block(node, "a tracked tensor is used as a parameter")
         return
     pads = int_list(node, "pads", 1)
     axes = int_list(node, "axes", 3)
@@ -143,11 +147,8 @@ def _split(node: gs.Node, cg: ChannelGraph) -> None:
 
 @channel_handler("Slice")
 def _slice(node: gs.Node, cg: ChannelGraph) -> None:
-    layout = cg.layout(input_at(node, 0))
+    layout = _data_layout(node, cg, "slice bounds")
     if layout is None:
-        return
-    if any(cg.layout(t) is not None for t in node.inputs[1:]):
-        cg.block(node, "a tracked tensor is used as slice bounds")
         return
     starts, ends = int_list(node, "starts", 1), int_list(node, "ends", 2)
     axes, steps = int_list(node, "axes", 3), int_list(node, "steps", 4)
