@@ -7,7 +7,14 @@ __version__ = "0.1.0"
 
 from onnxopt.api import Result, optimize
 from onnxopt.check import Budget, assert_equivalent
-from onnxopt.errors import CheckFailed, DataError, ModelError, OnnxoptError, UsageError
+from onnxopt.errors import (
+    CheckFailed,
+    DataError,
+    ModelError,
+    OnnxoptError,
+    PassCannotRun,
+    UsageError,
+)
 from onnxopt.model import load_model, save_model
 from onnxopt.pipeline import Pass, PassContext, PassResult, Pipeline, register_pass
 
@@ -18,6 +25,7 @@ __all__ = [
     "ModelError",
     "OnnxoptError",
     "Pass",
+    "PassCannotRun",
     "PassContext",
     "PassResult",
     "Pipeline",

@@ -281,7 +281,8 @@ def _coerce_feed(feed: dict, specs, where: str) -> Feed:
                     f"model expects {spec.dtype}"
                 )
             array = array.astype(spec.dtype)
-        out[spec.name] = np.ascontiguousarray(array)
+        # not np.ascontiguousarray: it turns a scalar (rank-0 input) into shape (1,)
+        out[spec.name] = np.require(array, requirements="C")
     return out
 
 

@@ -34,6 +34,14 @@ class DataError(OnnxoptError):
     """Input data does not match the model (missing inputs, wrong shapes or dtypes)."""
 
 
+class PassCannotRun(OnnxoptError):
+    """The pass cannot handle this model (an op, shape or layout it does not support).
+
+    Not an error of the whole run: the pipeline rolls the step back, reports this
+    message as the reason, and goes on with the next step.
+    """
+
+
 class CheckFailed(OnnxoptError):
     """A pipeline step broke its budget and the run was asked to abort."""
 

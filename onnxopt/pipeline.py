@@ -49,6 +49,7 @@ from onnxopt.errors import (
     DataError,
     ModelError,
     OnnxoptError,
+    PassCannotRun,
     UsageError,
     first_line,
 )
@@ -685,6 +686,11 @@ class PassManager:
             # through validation (2 GiB on the 2 GiB model's quantize-int8 step)
             gc.collect()
             outputs, problems = self._validate(candidate, state, record, budget)
+        except PassCannotRun as exc:
+            # this model is out of the pass's reach (e.g. an op training has no gradient
+            # for): the step is rolled back with the reason, the run goes on
+            problems = [first_line(exc, 500)]
+            record.reason = problems[0]
         except OnnxoptError as exc:
             # the user's input cannot work with this pass (e.g. no calibration data):
             # that is a usage error for the whole run, not a pass bug to roll back

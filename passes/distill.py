@@ -63,7 +63,9 @@ class DistillPass(Pass):
         epochs: int = option(10, "training epochs", range=(1, 100000))
         batch_size: int = option(32, "rows per training step", range=(1, 1 << 20))
         lr: float = option(1e-3, "peak AdamW learning rate", range=(1e-9, 10.0))
-        loss: Literal["kl", "mse"] = option("kl", "kl (softened softmax) or mse on outputs")
+        loss: Literal["auto", "kl", "mse"] = option(
+            "auto", "kl (softened softmax) or mse on outputs; auto: kl for [N, C] class scores"
+        )
         temperature: float = option(2.0, "softmax temperature of loss=kl", range=(1e-3, 100.0))
         alpha: float | None = option(
             None, "weight of the hard-label loss; none: 0.5 with labels, else 0", range=(0, 1)

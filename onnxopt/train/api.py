@@ -41,7 +41,7 @@ from onnxopt.train import client, convert, env
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("kl", "mse")
+LOSSES = ("auto", "kl", "mse")
 SCHEDULES = ("cosine", "constant")
 CHECK_TOLERANCE = (1e-4, 1e-3)  # training-graph kernels vs inference kernels
 
@@ -53,7 +53,8 @@ class DistillOptions:
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
-    loss: Literal["kl", "mse"] = "kl"
+    # auto: kl when every output is class scores ([N, C], C > 1), else mse
+    loss: Literal["auto", "kl", "mse"] = "auto"
     temperature: float = 2.0
     alpha: float | None = None
     weight_decay: float = 0.0
@@ -330,8 +331,17 @@ def _check_labels(labels: np.ndarray, rows: int, first_teacher: np.ndarray) -> n
     return labels.astype(np.int64)
 
 
+def resolve_loss(loss: str, teachers: Sequence[np.ndarray]) -> str:
+    """``auto`` -> ``kl`` when every teacher output is class scores [rows, C>1], else ``mse``."""
+    if loss != "auto":
+        return loss
+    scores = all(t.ndim == 2 and t.shape[-1] > 1 for t in teachers)
+    return "kl" if scores else "mse"
+
+
 def _job_options(options, copy, targets, teachers, layout, has_labels) -> dict[str, Any]:
-    if options.loss == "kl" and any(t.ndim < 2 or t.shape[-1] < 2 for t in teachers):
+    loss = resolve_loss(options.loss, teachers)
+    if loss == "kl" and any(t.ndim < 2 or t.shape[-1] < 2 for t in teachers):
         raise UsageError(
             "distill: loss=kl needs class-score outputs (last axis >= 2); use loss=mse"
         )
@@ -340,7 +350,7 @@ def _job_options(options, copy, targets, teachers, layout, has_labels) -> dict[s
         "batch_size": options.batch_size,
         "lr": options.lr,
         "weight_decay": options.weight_decay,
-        "loss": options.loss,
+        "loss": loss,
         "temperature": options.temperature,
         "alpha": options.resolved_alpha(has_labels),
         "schedule": options.schedule,

@@ -57,7 +57,7 @@ def add_subcommands(subparsers, common_parents: list[argparse.ArgumentParser]) -
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    p.add_argument("--loss", choices=["kl", "mse"], default="kl")
+    p.add_argument("--loss", choices=["auto", "kl", "mse"], default="auto")
     p.add_argument("--temperature", type=float, default=2.0, help="KL softening (loss=kl)")
     p.add_argument(
         "--alpha", type=float, default=None, help="hard-label loss weight (default 0.5 with labels)"

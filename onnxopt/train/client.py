@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxopt.errors import OnnxoptError
+from onnxopt.errors import PassCannotRun
 from onnxopt.model import save_model
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ POLL_SECONDS = 0.2
 Event = dict[str, Any]
 
 
-class TrainingError(OnnxoptError):
-    """The training worker failed, crashed or timed out."""
+class TrainingError(PassCannotRun):
+    """The training worker failed, crashed or timed out (a distill step rolls back)."""
 
 
 @dataclass

@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.errors import UsageError
+from onnxopt.errors import PassCannotRun, UsageError
 from onnxopt.graph import weight_refs
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def _try_decompose_batchnorm(graph: gs.Graph, node: gs.Node) -> bool:
         return False
     x, scale, bias, mean, var = node.inputs[:5]
     if x.shape is None:
-        raise UsageError(
+        raise PassCannotRun(
             f"BatchNormalization {node.name!r}: the rank of its input {x.name!r} is "
             "unknown, so it cannot be rewritten for training; export the model with "
             "static ranks or fold it first (fold-batchnorm)"
