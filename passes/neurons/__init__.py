@@ -54,7 +54,7 @@ import onnx_graphsurgeon as gs
 from onnxopt import runtime
 from onnxopt.errors import UsageError
 from onnxopt.graph import param_count
-from onnxopt.passes.neurons import dead
+from onnxopt.passes.neurons import dead, recurrent  # noqa: F401  (recurrent: registers)
 from onnxopt.passes.neurons.constants import fold_constant_shape_ops
 from onnxopt.passes.neurons.groups import ChannelGraph, analyze
 from onnxopt.passes.neurons.importance import (
@@ -69,6 +69,7 @@ from onnxopt.passes.neurons.importance import (
 from onnxopt.passes.neurons.layout import infer_shapes
 from onnxopt.passes.neurons.macs import MacEstimator, count_macs
 from onnxopt.passes.neurons.rewrite import Rewriter, apply
+from onnxopt.passes.neurons.shapes import resolve_shape_parameters
 from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ def _run(
     graph: gs.Graph, ctx: PassContext, options: NeuronOptions, provable_only: bool
 ) -> PassResult:
     prefolded = fold_constant_shape_ops(graph)
+    resolved = resolve_shape_parameters(graph)
     shapes = infer_shapes(graph)
     before = {"params": param_count(graph), "macs": count_macs(graph, shapes)}
     dead_mode = options.mode == "dead"
@@ -173,6 +175,7 @@ def _run(
     groups = _group_records(cg, selection, keep)
     removed = sum(r["channels_before"] - r["channels_after"] for r in groups)
     result = _result(cg, groups, before, before, removed, prefolded, notes)
+    result.counts["shape_parameters_resolved"] = resolved
     if not removed:
         return result
     rw = Rewriter(graph, cg, keep)
@@ -182,6 +185,7 @@ def _run(
     after = {"params": param_count(graph), "macs": count_macs(graph)}
     result = _result(cg, groups, before, after, removed, prefolded, notes)
     result.changed = True
+    result.counts["shape_parameters_resolved"] = resolved
     result.counts["folded_into_bias"] = folded
     result.details["rewritten_nodes"] = len(touched)
     log.info(

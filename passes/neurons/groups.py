@@ -306,31 +306,43 @@ def _bucketize(group: Group, constraints: list[list[np.ndarray]]) -> str | None:
     channels, so that every constraint's chunks do; return a problem or None.
 
     Per constraint, a class present equally often in every chunk (or in none) is
-    free: removing it removes as much from each chunk. A class present once in a
-    single chunk is labelled with that chunk; anything else cannot be balanced.
+    free: removing it removes as much from each chunk. A class present in a single
+    chunk is labelled with that chunk when it occupies the constraint's usual number
+    of positions there (a channel shuffle ahead of a grouped Conv puts each class
+    ``g`` times in one chunk). A class straddling two chunks (136 shuffled channels
+    in 4 Conv groups of 34) is *fixed*: never removed, it stays on its boundary.
+    Buckets are trimmed to the smallest one (the extra classes are fixed too).
     """
     labels = np.full((group.size, len(constraints)), -1, dtype=np.int64)
+    fixed = np.zeros(group.size, dtype=bool)
     for k, chunks in enumerate(constraints):
         counts = np.zeros((group.size, len(chunks)), dtype=np.int64)
         for c, classes in enumerate(chunks):
             np.add.at(counts[:, c], classes, 1)
         balanced = np.all(counts == counts[:, :1], axis=1)
-        single = ((counts > 0).sum(axis=1) == 1) & (counts.max(axis=1) == 1)
-        if np.any(~balanced & ~single):
-            return "a channel spans its channel groups unevenly"
+        single = ((counts > 0).sum(axis=1) == 1) & ~balanced
+        if single.any():
+            multiplicity = counts[single].max(axis=1)
+            usual = Counter(multiplicity.tolist()).most_common(1)[0][0]
+            single[np.flatnonzero(single)[multiplicity != usual]] = False
+        fixed |= ~balanced & ~single
         labels[single, k] = counts[single].argmax(axis=1)
+    labels[fixed] = -2
     keys, inverse = np.unique(labels, axis=0, return_inverse=True)
     inverse = inverse.ravel()
-    constrained = [i for i, key in enumerate(keys) if np.any(key != -1)]
+    constrained = [i for i, key in enumerate(keys) if np.all(key >= -1) and np.any(key != -1)]
     buckets = [np.flatnonzero(inverse == i) for i in constrained]
-    if len({len(b) for b in buckets}) > 1:
-        return "its channel groups cannot be pruned evenly"
     for k in range(len(constraints)):
         per_chunk = Counter(int(keys[i][k]) for i in constrained if keys[i][k] != -1)
         if len(set(per_chunk.values())) > 1:
             return "its channel groups cannot be pruned evenly"
+    if buckets:
+        smallest = min(len(b) for b in buckets)
+        buckets = [b[:smallest] for b in buckets]
     group.buckets = buckets
     group.free = np.flatnonzero(np.all(labels == -1, axis=1))
+    if not len(group.free) and not any(len(b) for b in buckets):
+        return "every channel spans its channel groups unevenly"
     return None
 
 

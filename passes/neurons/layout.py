@@ -76,6 +76,19 @@ class Layout:
 
 def infer_shapes(graph: gs.Graph) -> dict[str, Dims | None]:
     """Dimensions of every tensor of the main graph that onnx shape inference knows."""
+    model = shape_inferred_model(graph)
+    dims: dict[str, Dims | None] = {}
+    for info in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        dims[info.name] = _dims_of(info)
+    for name, tensor in graph.tensors().items():
+        if isinstance(tensor, gs.Constant):
+            dims[name] = tuple(int(d) for d in tensor.shape)
+    return dims
+
+
+def shape_inferred_model(graph: gs.Graph) -> onnx.ModelProto:
+    """A weightless skeleton of ``graph`` after onnx shape inference (data propagation
+    on); when inference fails, the declared shapes."""
     skeleton = graph.copy()
     stand_ins: dict[str, gs.Variable] = {}
     for node in skeleton.nodes:
@@ -91,13 +104,7 @@ def infer_shapes(graph: gs.Graph) -> dict[str, Dims | None]:
     model.ir_version = max(model.ir_version, 4)
     with contextlib.suppress(Exception):  # an op onnx cannot infer: keep declared shapes
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    dims: dict[str, Dims | None] = {}
-    for info in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-        dims[info.name] = _dims_of(info)
-    for name, tensor in graph.tensors().items():
-        if isinstance(tensor, gs.Constant):
-            dims[name] = tuple(int(d) for d in tensor.shape)
-    return dims
+    return model
 
 
 def _is_large(tensor: gs.Constant) -> bool:
