@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--prunable", action="store_true", help="list remove-neurons' channel groups instead"
+    )
     p.set_defaults(handler=cmd_inspect)
 
     p = sub.add_parser("compare", parents=[common, data], help="numeric comparison of two models")
@@ -252,6 +255,13 @@ def cmd_passes(args) -> int:
 def cmd_inspect(args) -> int:
     from onnxopt.inspection import describe, format_description
 
+    if args.prunable:
+        from onnxopt.model import load_model
+        from onnxopt.passes.neurons.listing import format_prunable, prunable_groups
+
+        info = prunable_groups(load_model(args.model).proto)
+        print(json.dumps(info, indent=2) if args.json else format_prunable(info))
+        return 0
     info = describe(args.model)
     print(json.dumps(info, indent=2) if args.json else format_description(info))
     return 0

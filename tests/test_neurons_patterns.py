@@ -379,3 +379,78 @@ def test_chunk_with_bounds_computed_from_shape_is_resolved():
         (4, 3, 1, 1), (2, 2, 1, 1), (2, 4, 1, 1)
     ]  # fmt: skip
     _same_outputs(planted, result.model, (1, 3, 6, 6))
+
+
+# ---------------------------------------------------------------------------- If branches
+
+
+def _branch(net: Net, prefix: str, width: int) -> onnx.GraphProto:
+    """x -> Conv(3->width) -> Relu -> Conv(width->2): weights as Constant nodes."""
+    w1 = net.rng.standard_normal((width, 3, 1, 1)).astype(np.float32)
+    w1[[1, 3]] = 0  # planted: channels 1 and 3 have zero rows and zero readers
+    w2 = net.rng.standard_normal((2, width, 1, 1)).astype(np.float32)
+    w2[:, [1, 3]] = 0
+    nodes = [
+        helper.make_node("Constant", [], [f"{prefix}_w1"], value=numpy_helper.from_array(w1)),
+        helper.make_node("Constant", [], [f"{prefix}_w2"], value=numpy_helper.from_array(w2)),
+        helper.make_node("Conv", ["x", f"{prefix}_w1"], [f"{prefix}_a"], name=f"{prefix}_conv1"),
+        helper.make_node("Relu", [f"{prefix}_a"], [f"{prefix}_r"]),
+        helper.make_node("Conv", [f"{prefix}_r", f"{prefix}_w2"], [f"{prefix}_out"]),
+    ]
+    out = helper.make_tensor_value_info(f"{prefix}_out", onnx.TensorProto.FLOAT, None)
+    return helper.make_graph(nodes, prefix, [], [out])
+
+
+def _if_model() -> onnx.ModelProto:
+    net = Net(shape=(1, 3, 4, 4))
+    flag = helper.make_tensor_value_info("flag", onnx.TensorProto.BOOL, [])
+    node = helper.make_node(
+        "If", ["flag"], ["y"], name="pick",
+        then_branch=_branch(net, "then", 8), else_branch=_branch(net, "else", 4),
+    )  # fmt: skip
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "if", [net.input, flag], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_if_branches_are_pruned_as_graphs_of_their_own():
+    model = _if_model()
+    feeds = [{"x": np.random.default_rng(s).standard_normal((1, 3, 4, 4)).astype(np.float32),
+              "flag": np.array(s % 2 == 0)} for s in range(4)]  # fmt: skip
+    result, step = _prune(model, "remove-neurons(mode=l1,ratio=0.25)", data=feeds)
+    assert step["status"] == "accepted", step["reason"]
+    pruned = [g for g in step["details"]["groups"] if g["status"] == "pruned"]
+    assert sorted((g["branch"], g["channels_after"]) for g in pruned) == [
+        ("pick.else_branch", 3), ("pick.then_branch", 6)
+    ]  # fmt: skip
+    then = next(a.g for a in result.model.graph.node[0].attribute if a.name == "then_branch")
+    shapes = sorted(tuple(t.dims) for t in then.initializer)
+    assert shapes == [(2, 6, 1, 1), (6, 3, 1, 1)]
+    assert step["counts"]["params_before"] == 8 * 3 + 2 * 8 + 4 * 3 + 2 * 4
+    assert step["counts"]["params_after"] == 6 * 3 + 2 * 6 + 3 * 3 + 2 * 3
+    assert_equivalent(run(model, feeds), run(result.model, feeds), EXACT)
+
+
+# ---------------------------------------------------------------------------- inspect --prunable
+
+
+def test_inspect_prunable_lists_groups_sizes_and_reasons(tmp_path, capsys):
+    import json
+
+    from onnxopt.cli import main
+
+    path = tmp_path / "c2f.onnx"
+    onnx.save(_c2f_model(), str(path))
+    assert main(["inspect", str(path), "--prunable", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    units = sorted((r["status"], r["units"]) for r in info["groups"])
+    assert units == [("blocked", 3), ("prunable", 4), ("prunable", 6), ("prunable", 8)]
+    (blocked,) = [r for r in info["groups"] if r["status"] == "blocked"]
+    assert blocked["reasons"] == ["reaches graph output 'conv16_0'"]
+    assert info["prunable"] == 3 and info["units"] == 18
+    assert main(["inspect", str(path), "--prunable"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("channel groups  4: 3 prunable (18 units), 1 blocked")
+    assert "reaches graph output" in text

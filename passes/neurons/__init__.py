@@ -54,7 +54,7 @@ import onnx_graphsurgeon as gs
 from onnxopt import runtime
 from onnxopt.errors import UsageError
 from onnxopt.graph import param_count
-from onnxopt.passes.neurons import dead, recurrent  # noqa: F401  (recurrent: registers)
+from onnxopt.passes.neurons import branches, dead, recurrent  # noqa: F401  (registers)
 from onnxopt.passes.neurons.constants import fold_constant_shape_ops
 from onnxopt.passes.neurons.groups import ChannelGraph, analyze
 from onnxopt.passes.neurons.importance import (
@@ -69,7 +69,7 @@ from onnxopt.passes.neurons.importance import (
 from onnxopt.passes.neurons.layout import infer_shapes
 from onnxopt.passes.neurons.macs import MacEstimator, count_macs
 from onnxopt.passes.neurons.rewrite import Rewriter, apply
-from onnxopt.passes.neurons.shapes import resolve_shape_parameters
+from onnxopt.passes.neurons.shapes import resolve_shape_parameters, symbolic_dims
 from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,10 @@ def _run(
     graph: gs.Graph, ctx: PassContext, options: NeuronOptions, provable_only: bool
 ) -> PassResult:
     prefolded = fold_constant_shape_ops(graph)
+    branch_params = branches.prepare(graph)
     resolved = resolve_shape_parameters(graph)
     shapes = infer_shapes(graph)
-    before = {"params": param_count(graph), "macs": count_macs(graph, shapes)}
+    before = {"params": param_count(graph) + branch_params, "macs": count_macs(graph, shapes)}
     dead_mode = options.mode == "dead"
     cg = analyze(graph, track_constants=dead_mode, exclude=options.exclude, shapes=shapes)
     scores = class_scores(cg, "l1" if dead_mode else options.mode)
@@ -174,6 +175,18 @@ def _run(
     keep = keep_mask(cg, selection)
     groups = _group_records(cg, selection, keep)
     removed = sum(r["channels_before"] - r["channels_after"] for r in groups)
+    branch_params_after = branch_params
+    if branch_params and options.ratio is not None and not dead_mode:
+        outcome = branches.prune_branches(
+            graph, shapes, symbolic_dims(graph), norm=options.mode, ratio=options.ratio,
+            limits=limits, exclude=options.exclude, records=_group_records,
+        )  # fmt: skip
+        groups += outcome.groups
+        removed += outcome.removed
+        resolved += outcome.resolved
+        branch_params_after = outcome.params_after
+    elif branch_params:
+        notes.append("If branches are pruned with ratio= only; left as they are")
     result = _result(cg, groups, before, before, removed, prefolded, notes)
     result.counts["shape_parameters_resolved"] = resolved
     if not removed:
@@ -182,7 +195,7 @@ def _run(
     folded = dead.fold(rw, values)
     touched = apply(rw)
     graph.cleanup(remove_unused_graph_inputs=False)
-    after = {"params": param_count(graph), "macs": count_macs(graph)}
+    after = {"params": param_count(graph) + branch_params_after, "macs": count_macs(graph)}
     result = _result(cg, groups, before, after, removed, prefolded, notes)
     result.changed = True
     result.counts["shape_parameters_resolved"] = resolved

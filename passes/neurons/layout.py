@@ -78,12 +78,24 @@ def infer_shapes(graph: gs.Graph) -> dict[str, Dims | None]:
     """Dimensions of every tensor of the main graph that onnx shape inference knows."""
     model = shape_inferred_model(graph)
     dims: dict[str, Dims | None] = {}
-    for info in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+    for info in value_infos(model.graph):
         dims[info.name] = _dims_of(info)
     for name, tensor in graph.tensors().items():
         if isinstance(tensor, gs.Constant):
             dims[name] = tuple(int(d) for d in tensor.shape)
     return dims
+
+
+def value_infos(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Inputs, value_info and outputs of ``graph`` and of every subgraph in it (tensor
+    names are unique across a model's scopes)."""
+    infos = [*graph.input, *graph.value_info, *graph.output]
+    for node in graph.node:
+        for attribute in node.attribute:
+            graphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+            for sub in [attribute.g, *attribute.graphs] if attribute.type in graphs else []:
+                infos += value_infos(sub)
+    return infos
 
 
 def shape_inferred_model(graph: gs.Graph) -> onnx.ModelProto:

@@ -28,35 +28,52 @@ STATES = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}  # initial_h (, initial_c) i
 
 
 def _recurrent(node: gs.Node, cg: ChannelGraph) -> None:
-    gates = GATES[node.op]
-    x, w, r, b = (input_at(node, i) for i in range(4))
-    peephole = input_at(node, 7) if node.op == "LSTM" else None
-    if not all(isinstance(t, gs.Constant) for t in (w, r) if t is not None) or (
-        b is not None and not isinstance(b, gs.Constant)
-    ):
-        cg.block(node, "its weights or biases are not constants")
+    x, w, r = (input_at(node, i) for i in range(3))
+    reasons = _blocking_reasons(node)
+    constant = not any("weights" in reason for reason in reasons)
+    hidden = node.attrs.get("hidden_size")
+    if hidden is None and not isinstance(r, gs.Constant):
+        cg.block(node, "its hidden size is unknown")
         return
-    hidden = int(node.attrs.get("hidden_size", r.shape[-1]))
+    hidden = int(hidden if hidden is not None else r.shape[-1])
     layout = cg.layout(x)
-    if layout is not None and (layout.axis != 2 or len(layout) != w.shape[-1]):
-        cg.block(node, "its input is not tracked on the feature axis")
+    if layout is not None and (not constant or layout.axis != 2 or len(layout) != w.shape[-1]):
+        cg.block(node, "its input is not tracked on the feature axis of constant weights")
         layout = None
     if layout is not None:
         cg.sink(node, 0, layout)
         cg.contribute(layout.atoms, lambda norm: _reduce(w.values, norm, (0, 1)))
     out = cg.new_producer(node, hidden, 3, 4, None)
-    weights = [t for t in (w, r) if t is not None]
-    cg.contribute(out.atoms, lambda norm: sum(_per_unit(t.values, gates, norm) for t in weights))
-    cg.contribute(out.atoms, lambda norm: _reduce(r.values, norm, (0, 1)))
+    for extra in node.outputs[1:]:
+        cg.set_layout(extra, out.moved(2, 3))  # Y_h / Y_c: [D, B, H] or [B, D, H]
+    for reason in reasons:
+        cg.pin(out, f"{node.op} {node.name!r}: {reason}")
+    if constant:
+        gates = GATES[node.op]
+        cg.contribute(out.atoms, lambda norm: _per_unit(w.values, gates, norm))
+        cg.contribute(out.atoms, lambda norm: _per_unit(r.values, gates, norm))
+        cg.contribute(out.atoms, lambda norm: _reduce(r.values, norm, (0, 1)))
+
+
+def _blocking_reasons(node: gs.Node) -> list[str]:
+    """Why the hidden units of ``node`` cannot be removed (empty: they can)."""
+    reasons = []
+    w, r, b = (input_at(node, i) for i in (1, 2, 3))
+    if (
+        not isinstance(w, gs.Constant)
+        or not isinstance(r, gs.Constant)
+        or (b is not None and not isinstance(b, gs.Constant))
+    ):
+        reasons.append("its weights or biases are computed at run time")
     for index in STATES[node.op]:
         state = input_at(node, index)
         if state is not None and not isinstance(state, gs.Constant) and not zero_state(state):
-            cg.pin(out, f"{node.op} {node.name!r}: its initial state {state.name!r} is "
-                        "computed at run time (the state interface would change)")  # fmt: skip
+            reasons.append(f"its initial state {state.name!r} is computed at run time "
+                           "(the state interface would change)")  # fmt: skip
+    peephole = input_at(node, 7) if node.op == "LSTM" else None
     if peephole is not None and not isinstance(peephole, gs.Constant):
-        cg.pin(out, f"{node.op} {node.name!r}: its peepholes are not constants")
-    for extra in node.outputs[1:]:
-        cg.set_layout(extra, out.moved(2, 3))  # Y_h / Y_c: [D, B, H] or [B, D, H]
+        reasons.append("its peepholes are computed at run time")
+    return reasons
 
 
 def zero_state(tensor: gs.Tensor) -> bool:

@@ -36,11 +36,11 @@ SLOTS: dict[str, tuple[int, ...]] = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Sp
 
 def symbolic_dims(graph: gs.Graph) -> dict[str, list[Entry]]:
     """Every tensor's dimensions from ONNX shape inference: int, symbol or None."""
-    from onnxopt.passes.neurons.layout import shape_inferred_model
+    from onnxopt.passes.neurons.layout import shape_inferred_model, value_infos
 
     model = shape_inferred_model(graph)
     dims: dict[str, list[Entry]] = {}
-    for info in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+    for info in value_infos(model.graph):
         tensor_type = info.type.tensor_type
         if info.type.WhichOneof("value") != "tensor_type" or not tensor_type.HasField("shape"):
             continue
@@ -166,9 +166,10 @@ def evaluate(graph: gs.Graph, dims: dict[str, list[Entry]]) -> dict[str, Value]:
 # ---------------------------------------------------------------------------- rewrite
 
 
-def resolve_shape_parameters(graph: gs.Graph) -> int:
+def resolve_shape_parameters(graph: gs.Graph, dims: dict[str, list[Entry]] | None = None) -> int:
     """Replace computed shape parameters of Reshape / Slice / Split by constants;
-    return how many inputs were replaced."""
+    return how many inputs were replaced. ``dims``: symbolic dims of a subgraph's
+    tensors (from the whole model's inference); by default inferred on ``graph``."""
     candidates = [
         (node, index)
         for node in graph.nodes
@@ -179,7 +180,7 @@ def resolve_shape_parameters(graph: gs.Graph) -> int:
     ]
     if not candidates:
         return 0
-    dims = symbolic_dims(graph)
+    dims = symbolic_dims(graph) if dims is None else dims
     known = evaluate(graph, dims)
     replaced = 0
     made: dict[tuple[str, tuple[int, ...]], gs.Constant] = {}
