@@ -208,7 +208,7 @@ def test_transformer_ffn_alone_goes_from_64_to_32():
     ]
     assert all(g["channels_before"] == 64 and g["channels_after"] == 32 for g in pruned)
     excluded = [g for g in step["details"]["groups"] if "exclude=" in g["reason"]]
-    assert len(excluded) == 5  # residual stream, q+k and v of each layer
+    assert len(excluded) == 3  # residual stream, the heads (q, k, v) of each layer
     _valid(result.model)
 
 

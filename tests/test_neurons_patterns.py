@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from conftest import run
 from onnx import helper, numpy_helper
 from test_neurons import Net, _prune, _set_rows, _weights_of, _with
@@ -245,46 +246,52 @@ def _norm(net: Net, x: str, decomposed: bool) -> str:
     return net.add("Add", [net.add("Mul", [net.add("Div", [centered, std]), gamma]), beta])
 
 
-def _plant_attention(model):
-    qk = [3, 11]  # head dim 3 of both heads
-    vo = [5, 13]
+def _plant_attention(model, heads: bool):
+    """Zero head 1 (columns 8..15 of Q/K/V, rows of O) and half the FFN (heads=True,
+    for ratio=0.5), or head dim 3 of Q/K, dim 5 of V and an eighth of the FFN."""
+    if heads:
+        qk = vo = list(range(8, 16))
+        ffn = list(range(16))
+    else:
+        qk, vo, ffn = [3, 11], [5, 13], [0, 1, 2, 3]
     return _plant(
         model,
         {
             "q_w": (qk, 1), "q_b": (qk, 0), "k_w": (qk, 1), "k_b": (qk, 0),
             "v_w": (vo, 1), "v_b": (vo, 0), "o_w": (vo, 0),
-            "up_w": ([0, 1, 2, 3], 1), "down_w": ([0, 1, 2, 3], 0),
+            "up_w": (ffn, 1), "down_w": (ffn, 0),
         },
     )  # fmt: skip
 
 
-def _check_attention(decomposed_norm: bool) -> None:
-    planted = _plant_attention(_attention_model(decomposed_norm))
-    result, step = _prune(planted, "remove-neurons(mode=l1,ratio=0.125)", shapes=["x=1x5x16"])
+@pytest.mark.parametrize("decomposed_norm", [False, True], ids=["fused-ln", "decomposed-ln"])
+@pytest.mark.parametrize("attention", ["heads", "dims"])
+def test_attention_heads_and_ffn_width(attention, decomposed_norm):
+    """Heads: Q/K/V lose head 1 together (the head count in the Reshape shapes goes
+    2 -> 1); dims: every head loses the same dimension (8 -> 7), Q/K and V apart."""
+    planted = _plant_attention(_attention_model(decomposed_norm), attention == "heads")
+    ratio = 0.5 if attention == "heads" else 0.125
+    pipeline = f"remove-neurons(mode=l1,ratio={ratio},attention={attention})"
+    result, step = _prune(planted, pipeline, shapes=["x=1x5x16"])
     assert step["status"] == "accepted", step["reason"]
     assert step["counts"]["shape_parameters_resolved"] == 4
     statuses = sorted(_status(step).values())
-    assert statuses == ["blocked", "blocked", "pruned", "pruned", "pruned"]  # hidden: blocked
+    pruned = 2 if attention == "heads" else 3  # heads: Q, K and V are one group
+    assert statuses == ["blocked"] * 2 + ["pruned"] * pruned  # the hidden width is blocked
     weights = {t.name.split("_pruned")[0]: numpy_helper.to_array(t)
                for t in result.model.graph.initializer}  # fmt: skip
-    assert weights["q_w"].shape == weights["k_w"].shape == weights["v_w"].shape == (16, 14)
-    assert weights["o_w"].shape == (14, 16)
-    assert weights["up_w"].shape == (16, 28) and weights["down_w"].shape == (28, 16)
+    width, ffn = (8, 16) if attention == "heads" else (14, 28)
+    assert weights["q_w"].shape == weights["k_w"].shape == weights["v_w"].shape == (16, width)
+    assert weights["o_w"].shape == (width, 16)
+    assert weights["up_w"].shape == (16, ffn) and weights["down_w"].shape == (ffn, 16)
     assert len(_node(result.model, "Shape")) == 0  # the runtime shape computation is gone
     inits = {t.name: numpy_helper.to_array(t).tolist() for t in result.model.graph.initializer}
     reshapes = [inits[n.input[1]] for n in _node(result.model, "Reshape")]
-    assert reshapes == [[1, 0, 2, 7]] * 3 + [[1, 0, 14]]
+    split = [1, 0, 1, 8] if attention == "heads" else [1, 0, 2, 7]
+    assert reshapes == [split] * 3 + [[1, 0, width]]
     rng = np.random.default_rng(3)
     feeds = [{"x": rng.standard_normal((1, s, 16)).astype(np.float32)} for s in (3, 5, 9)]
     assert_equivalent(run(planted, feeds), run(result.model, feeds), EXACT)
-
-
-def test_attention_head_dims_and_ffn_with_fused_layernorm():
-    _check_attention(decomposed_norm=False)
-
-
-def test_attention_head_dims_and_ffn_with_decomposed_layernorm():
-    _check_attention(decomposed_norm=True)
 
 
 # ---------------------------------------------------------------------------- recurrent

@@ -93,6 +93,9 @@ class NeuronOptions:
     compensate: bool = option(
         False, "l1/l2: fold removed channels' calibration mean into the consumers' bias"
     )
+    attention: Literal["heads", "dims"] = option(
+        "heads", "attention: remove whole heads, or the same dims of every head"
+    )
 
     def validate(self) -> None:
         if self.mode == "dead":
@@ -150,7 +153,10 @@ def _run(
     shapes = infer_shapes(graph)
     before = {"params": param_count(graph) + branch_params, "macs": count_macs(graph, shapes)}
     dead_mode = options.mode == "dead"
-    cg = analyze(graph, track_constants=dead_mode, exclude=options.exclude, shapes=shapes)
+    cg = analyze(
+        graph, track_constants=dead_mode, exclude=options.exclude, shapes=shapes,
+        heads=options.attention == "heads",
+    )  # fmt: skip
     scores = class_scores(cg, "l1" if dead_mode else options.mode)
     limits = Limits(options.min_channels, options.round_to)
     notes: list[str] = []
@@ -180,6 +186,7 @@ def _run(
         outcome = branches.prune_branches(
             graph, shapes, symbolic_dims(graph), norm=options.mode, ratio=options.ratio,
             limits=limits, exclude=options.exclude, records=_group_records,
+            heads=options.attention == "heads",
         )  # fmt: skip
         groups += outcome.groups
         removed += outcome.removed

@@ -72,6 +72,7 @@ def prune_branches(
     limits: Limits,
     exclude: tuple[str, ...],
     records,
+    heads: bool = True,
 ) -> BranchOutcome:
     """Prune every If branch of ``graph`` with ``ratio``; ``records(cg, selection,
     keep)`` turns a branch's analysis into report records."""
@@ -79,7 +80,7 @@ def prune_branches(
     for node, key, body in list(if_branches(graph)):
         outcome.params_before += param_count(body)
         outcome.resolved += resolve_shape_parameters(body, symbols)
-        cg = analyze(body, exclude=exclude, shapes=shapes)
+        cg = analyze(body, exclude=exclude, shapes=shapes, heads=heads)
         selection = select_ratio(cg, class_scores(cg, norm), ratio, limits)
         keep = keep_mask(cg, selection)
         groups = records(cg, selection, keep)

@@ -110,12 +110,14 @@ class ChannelGraph:
         *,
         track_constants: bool = False,
         exclude: Sequence[str] = (),
+        heads: bool = True,
     ) -> None:
         self.graph = graph
         self.shapes = shapes
         self.opset = int(graph.opset or 1)
         self.track_constants = track_constants
         self.exclude = tuple(exclude)
+        self.heads = heads  # attention: remove whole heads (else the same dims of every head)
         self.layouts: dict[str, Layout] = {}
         self.producers: list[Producer] = []
         self.owner: list[int] = []  # atom -> producer index
@@ -406,6 +408,7 @@ def analyze(
     track_constants: bool = False,
     exclude: Sequence[str] = (),
     shapes: dict[str, Dims | None] | None = None,
+    heads: bool = True,
 ) -> ChannelGraph:
     """Channel groups of ``graph``; never raises on an unknown op (it blocks)."""
     from onnxopt.passes.neurons.handlers import HANDLERS
@@ -415,6 +418,7 @@ def analyze(
         shapes if shapes is not None else infer_shapes(graph),
         track_constants=track_constants,
         exclude=exclude,
+        heads=heads,
     )
     for node in toposorted(graph):
         captured = outer_names(node)

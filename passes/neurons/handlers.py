@@ -229,6 +229,9 @@ def _matmul_activations(node, cg: ChannelGraph, a, b, rank_a: int, rank_b: int) 
     through to the output's last axis."""
     la, lb = cg.layout(a), cg.layout(b)
     rank = max(rank_a, rank_b)
+    if (la is not None and la.axis < rank_a - 2) or (lb is not None and lb.axis < rank_b - 2):
+        _matmul_batch(node, cg, (a, la, rank_a), (b, lb, rank_b), rank)
+        return
     contracted_a = la is not None and la.axis == rank_a - 1
     contracted_b = lb is not None and lb.axis == rank_b - 2
     passing_b = lb is not None and lb.axis == rank_b - 1
@@ -246,6 +249,36 @@ def _matmul_activations(node, cg: ChannelGraph, a, b, rank_a: int, rank_b: int) 
         out = lb.moved(rank - 1, rank).varying()
         cg.set_layout(node.outputs[0], out)
         cg.mac_term(node, None, out)
+
+
+def _matmul_batch(node, cg: ChannelGraph, left, right, rank: int) -> None:
+    """A tracked *batch* axis (attention heads after ``[B, heads, S, d]``): both sides
+    lose the same heads, or the other side broadcasts along it; the output keeps it."""
+    axes, tracked = set(), []
+    for _, layout, operand_rank in (left, right):
+        if layout is None:
+            continue
+        if layout.axis >= operand_rank - 2:
+            cg.block(node, "one operand is tracked on a batch axis, the other on a matrix axis")
+            return
+        axes.add(layout.axis + rank - operand_rank)
+        tracked.append(layout)
+    if len(axes) != 1 or len({len(layout) for layout in tracked}) != 1:
+        cg.block(node, "operands are tracked on different batch axes")
+        return
+    axis = axes.pop()
+    for tensor, layout, operand_rank in (left, right):
+        if layout is None:
+            dims = cg.dims(tensor)
+            k = axis - (rank - operand_rank)
+            if dims is None or (k >= 0 and dims[k] != 1):
+                cg.block(node, f"operand {tensor.name!r} does not broadcast along the heads")
+                return
+    if len(tracked) == 2:
+        cg.couple(tracked[0], tracked[1])
+    out = Layout(axis, rank, tracked[0].atoms, np.zeros(len(tracked[0]), dtype=bool))
+    cg.set_layout(node.outputs[0], out)
+    cg.mac_term(node, None, out)
 
 
 def _name(node: gs.Node) -> str:
@@ -327,7 +360,11 @@ def _broadcast_problem(cg, tensor, axis, rank, length) -> str | None:
         return None
     if dims[k] == length and isinstance(tensor, gs.Constant):
         return None
-    return f"operand {tensor.name!r} is not a per-channel constant nor broadcast"
+    source = f" (from {_name(tensor.inputs[0])})" if tensor.inputs else " (a graph input)"
+    return (
+        f"operand {tensor.name!r}{source} has channels the analysis does not track "
+        "(neither a per-channel constant nor broadcast)"
+    )
 
 
 # ---------------------------------------------------------------------------- normalization

@@ -231,8 +231,28 @@ def _map_reshape(node, cg, layout: Layout, target: list[int]) -> Layout | str:
     if len(wide) > 1:
         if block.in_end - block.in_start != 1:
             return "it regroups the channel axis with other axes"
+        if cg.heads and _splits_heads(layout, wide, len(out_dims)):
+            return _split_heads(cg, layout, out_dims[out_axis], wide[0], len(out_dims))
         return _split_channels(cg, layout, out_dims[out_axis], out_axis, len(out_dims))
     return layout.merged(in_sizes, layout.axis - block.in_start, out_axis, len(out_dims))
+
+
+def _splits_heads(layout: Layout, wide: list[int], rank: int) -> bool:
+    """The last axis becomes ``[..., heads, head_dim]`` (multi-head attention); a split
+    of axis 1 of an image tensor (channel shuffle) keeps pruning by position."""
+    return len(wide) == 2 and wide[-1] == rank - 1 and layout.axis == layout.rank - 1
+
+
+def _split_heads(cg, layout: Layout, inner: int, axis: int, rank: int) -> Layout:
+    """``[..., heads * head_dim]`` -> ``[..., heads, head_dim]``: the ``head_dim``
+    channels of a head are removed together, so whole heads go; the layout continues
+    on the ``heads`` axis (one atom per head)."""
+    atoms = layout.atoms.reshape(-1, inner)
+    const = layout.const.reshape(-1, inner)
+    first = Layout(axis, rank, atoms[:, 0], np.all(const, axis=1))
+    for column in range(1, inner):
+        cg.couple(first, Layout(axis, rank, atoms[:, column], first.const))
+    return first
 
 
 def _split_channels(cg, layout: Layout, inner: int, axis: int, rank: int) -> Layout:

@@ -5,7 +5,8 @@ heads, d)``, ``x.chunk(2, dim=1)``): ``Shape -> Gather -> Add/Div/Mul -> Concat`
 The channel analysis can only rewrite parameters that are constants, so before it
 runs, these small integer computations are evaluated on the *symbolic* shapes from
 ONNX shape inference: every entry is an int, a symbol (``"seq"``: a dynamic
-dimension, the same symbol meaning the same value) or unknown.
+dimension, the same symbol meaning the same value; an unknown dimension is its own
+symbol ``"tensor#axis"``).
 
 A parameter whose entries are all ints becomes a constant. A Reshape entry equal to
 the symbol of the same axis of its input becomes ``0`` (copy that dimension; only
@@ -70,12 +71,18 @@ def _shape(node, values, dims) -> Value | None:
     entries = dims.get(node.inputs[0].name)
     if entries is None:
         return None
+    entries = _named(node.inputs[0].name, entries)
     rank = len(entries)
     start = int(node.attrs.get("start", 0))
     end = node.attrs.get("end")
     start = max(0, start + rank if start < 0 else start)
     end = rank if end is None else min(rank, int(end) + rank if int(end) < 0 else int(end))
     return list(entries[start:end])
+
+
+def _named(tensor: str, entries: list[Entry]) -> list[Entry]:
+    """Unknown dims get a symbol of their own: axis ``i`` of ``tensor`` is itself."""
+    return [f"{tensor}#{i}" if e is None else e for i, e in enumerate(entries)]
 
 
 def _gather(node, values, dims) -> Value | None:
@@ -189,7 +196,7 @@ def resolve_shape_parameters(graph: gs.Graph, dims: dict[str, list[Entry]] | Non
         if value is None:
             continue
         if node.op == "Reshape" and not int(node.attrs.get("allowzero", 0)):
-            source = dims.get(node.inputs[0].name) or []
+            source = _named(node.inputs[0].name, dims.get(node.inputs[0].name) or [])
             value = [
                 0 if isinstance(e, str) and j < len(source) and source[j] == e else e
                 for j, e in enumerate(value)
