@@ -108,6 +108,27 @@ def test_shuffle_groups_straddling_conv_groups_are_pinned_not_blocked():
     assert [w.shape for w in _weights_of(result.model, "Conv")] == [(18, 4, 1, 1), (4, 9, 1, 1)]
 
 
+def test_grouped_convs_cutting_a_group_differently_prune_an_even_subset():
+    """A (6 channels, 2 Conv groups of 3) and P (2) concatenated into B (2 groups of 4):
+    A's group 1 straddles B's groups. Removing one channel from A[0:3] and one from
+    A[4:6] keeps both constraints even; channels 3, 6 and 7 are fixed."""
+    net = Net(shape=(1, 4, 4, 4))
+    a = net.conv("x", 4, 6, k=1, group=2)  # w0 w1
+    p = net.conv("x", 4, 2, k=1)  # w2 w3
+    cat = net.add("Relu", [net.add("Concat", [a, p], axis=1)])
+    model = net.model(net.conv(cat, 8, 4, k=1, group=2))  # w4 w5
+    w4 = _init(model, "w4")[0].copy()
+    w4[:2, 1] = 0  # B's group 0 reads positions 0..3: channel 1 is its local column 1
+    w4[2:, 0] = 0  # B's group 1 reads positions 4..7: channel 4 is its local column 0
+    planted = _with(_plant(model, {"w0": ([1, 4], 0), "w1": ([1, 4], 0)}), {"w4": lambda _: w4})
+    result, step = _prune(planted, "remove-neurons(mode=l1,ratio=0.5)")
+    assert step["status"] == "accepted", step["reason"]
+    assert [w.shape for w in _weights_of(result.model, "Conv")] == [
+        (4, 2, 1, 1), (2, 4, 1, 1), (4, 3, 1, 1)
+    ]  # fmt: skip
+    _same_outputs(planted, result.model, (1, 4, 4, 4))
+
+
 # ---------------------------------------------------------------------------- C2f / CSP
 
 

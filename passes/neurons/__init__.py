@@ -12,9 +12,16 @@ Which channels go together comes from the dependency analysis (``groups.py``,
 handler tables in ``handlers.py`` and ``reshaping.py``): residual Adds couple groups,
 Concat / Split / Slice map channel offsets, a depthwise Conv couples its input and
 output, Flatten / Reshape into Gemm / MatMul map one channel to a block of features,
-Transpose moves the tracked axis, a Reshape splitting the channel axis (attention
-heads, channel shuffle) couples the same channel of every head / shuffle group, ``q @
-kᵀ`` couples q and k, grouped Convs remove the same count from every channel group.
+Transpose moves the tracked axis, a Reshape splitting the channel axis couples the same
+channel of every shuffle group (channel shuffle) or, for ``[heads, head_dim]`` of
+attention, the channels of one head (``attention=heads``, default: Q/K/V lose whole
+heads through the batched MatMuls; ``attention=dims``: the same dims of every head,
+``q @ kᵀ`` coupling q and k), grouped Convs remove the same count from every channel
+group (a shuffled class straddling two Conv groups is kept), LSTM / GRU / RNN lose
+hidden units in every gate and direction (``recurrent.py``). Reshape / Slice / Split
+parameters computed from ``Shape`` are first resolved into constants on the symbolic
+shapes (``shapes.py``, exact), and the branches of ``If`` nodes are pruned as graphs
+of their own with ``ratio=`` (``branches.py``).
 Groups that touch something the pass cannot rewrite exactly (LayerNorm / Softmax /
 reductions over the channel axis, reshapes regrouping it with other axes, shapes
 computed at run time, graph outputs, unknown ops) are *blocked* and reported with
@@ -36,7 +43,7 @@ Two passes share the machinery:
   folds each removed channel's calibration mean into its consumers' bias.
 
 Does nothing (``changed=False``) when no group is prunable or nothing is selected.
-Subgraph bodies (If/Loop/Scan) are not pruned; a tensor they read is pinned. The
+Loop/Scan bodies are not pruned; a tensor any subgraph reads is pinned. The
 report lists every group: producers, channels before/after, status and reasons, plus
 parameter and MAC counts before and after (MACs at batch 1, dynamic dims as 1).
 """

@@ -313,7 +313,8 @@ def _bucketize(group: Group, constraints: list[list[np.ndarray]]) -> str | None:
     of positions there (a channel shuffle ahead of a grouped Conv puts each class
     ``g`` times in one chunk). A class straddling two chunks (136 shuffled channels
     in 4 Conv groups of 34) is *fixed*: never removed, it stays on its boundary.
-    Buckets are trimmed to the smallest one (the extra classes are fixed too).
+    Buckets are trimmed to the smallest one (the extra classes are fixed too); when
+    the buckets cannot all lose the same count evenly, the best even subset is kept.
     """
     labels = np.full((group.size, len(constraints)), -1, dtype=np.int64)
     fixed = np.zeros(group.size, dtype=bool)
@@ -333,11 +334,12 @@ def _bucketize(group: Group, constraints: list[list[np.ndarray]]) -> str | None:
     keys, inverse = np.unique(labels, axis=0, return_inverse=True)
     inverse = inverse.ravel()
     constrained = [i for i, key in enumerate(keys) if np.all(key >= -1) and np.any(key != -1)]
-    buckets = [np.flatnonzero(inverse == i) for i in constrained]
-    for k in range(len(constraints)):
-        per_chunk = Counter(int(keys[i][k]) for i in constrained if keys[i][k] != -1)
-        if len(set(per_chunk.values())) > 1:
+    sizes = [len(chunks) for chunks in constraints]
+    if not _even(keys[constrained], sizes):
+        constrained = _even_subset(keys, constrained, inverse, sizes)
+        if not constrained:
             return "its channel groups cannot be pruned evenly"
+    buckets = [np.flatnonzero(inverse == i) for i in constrained]
     if buckets:
         smallest = min(len(b) for b in buckets)
         buckets = [b[:smallest] for b in buckets]
@@ -346,6 +348,36 @@ def _bucketize(group: Group, constraints: list[list[np.ndarray]]) -> str | None:
     if not len(group.free) and not any(len(b) for b in buckets):
         return "every channel spans its channel groups unevenly"
     return None
+
+
+def _even(keys: np.ndarray, sizes: list[int]) -> bool:
+    """Every chunk of every constraint is labelled by as many of these buckets."""
+    for k, size in enumerate(sizes):
+        column = keys[:, k] if len(keys) else np.zeros(0, dtype=np.int64)
+        counts = np.bincount(column[column >= 0], minlength=size)
+        if len(set(counts.tolist())) > 1:
+            return False
+    return True
+
+
+MAX_SUBSET_SEARCH = 16
+
+
+def _even_subset(keys, constrained: list[int], inverse, sizes: list[int]) -> list[int]:
+    """The buckets to remove from when not all of them can be (Sum residuals tying
+    stages whose grouped Convs cut the channels differently): the even subset with the
+    most removable channels; the others are fixed. Empty when none is small enough
+    to search or even."""
+    if len(constrained) > MAX_SUBSET_SEARCH:
+        return []
+    size_of = {i: int(np.sum(inverse == i)) for i in constrained}
+    best, best_capacity = [], 0
+    for mask in range(1, 2 ** len(constrained)):
+        subset = [b for j, b in enumerate(constrained) if mask >> j & 1]
+        capacity = len(subset) * min(size_of[b] for b in subset)
+        if capacity > best_capacity and _even(keys[subset], sizes):
+            best, best_capacity = subset, capacity
+    return best
 
 
 def toposorted(graph: gs.Graph) -> list[gs.Node]:
