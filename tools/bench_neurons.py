@@ -21,7 +21,7 @@ Sections (``--sections``, default all):
 - ``digits``: the trained digits models and light SqueezeNet at ratio 0.5 and
   ``mode=dead``, with test accuracy (no fine-tuning) and latency at batch 1 / 256.
 
-    python tools/bench_neurons.py                         # ~15 min on 2 shared cores
+    python tools/bench_neurons.py                         # ~35 min on 2 busy shared cores
     python tools/bench_neurons.py --sections latency --rounds 30
     python tools/bench_neurons.py --models yolov8n,ppocr-det --sections params
 """
