@@ -409,6 +409,26 @@ def test_chunk_with_bounds_computed_from_shape_is_resolved():
     _same_outputs(planted, result.model, (1, 3, 6, 6))
 
 
+def test_flatten_reshape_with_an_unnamed_dynamic_batch_is_resolved():
+    """Paddle2ONNX heads: ``Reshape(x, Concat(Shape(x)[0:1], [C]))`` with a batch dim
+    that has neither a value nor a name: the entry copies axis 0 of the same tensor,
+    so it becomes ``0`` and the channel count is rewritten."""
+    net = Net(shape=(None, 3, 4, 4))
+    pooled = net.add("GlobalAveragePool", [net.add("Relu", [net.conv("x", 3, 8, k=1)])])
+    batch = net.add("Slice", [net.add("Shape", [pooled]), net.const(np.array([0])),
+                              net.const(np.array([1]))])  # fmt: skip
+    shape = net.add("Concat", [batch, net.const(np.array([8]))], axis=0)
+    flat = net.add("Reshape", [pooled, shape])
+    model = net.model(net.add("MatMul", [flat, net.weight((8, 3))]))
+    result, step = _prune(model, "remove-neurons(mode=l1,ratio=0.5)", shapes=["x=2x3x4x4"])
+    assert step["status"] == "accepted", step["reason"]
+    assert step["counts"]["shape_parameters_resolved"] == 1
+    (reshape,) = _node(result.model, "Reshape")
+    inits = {t.name: numpy_helper.to_array(t).tolist() for t in result.model.graph.initializer}
+    assert inits[reshape.input[1]] == [0, 4]
+    assert len(_node(result.model, "Shape")) == 0
+
+
 # ---------------------------------------------------------------------------- If branches
 
 
