@@ -141,6 +141,9 @@ def _finite_pair(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def _finite_abs_max(ref: np.ndarray, got: np.ndarray) -> float:
     """max |ref| where both sides are finite (in the outputs' own dtype: exact)."""
+    # a candidate output of another dtype (e.g. strings where the reference has floats)
+    # fails to convert here with the same ValueError as the metrics below
+    ref, got = (a if a.dtype.kind == "f" else a.astype(np.float64) for a in (ref, got))
     both = np.isfinite(ref) & np.isfinite(got)
     values = np.abs(ref) if both.all() else np.abs(ref[both])
     return float(values.max()) if values.size else 0.0
