@@ -19,6 +19,7 @@ import numpy as np
 from onnxopt import __version__
 from onnxopt.errors import CheckFailed, OnnxoptError, UsageError, first_line
 from onnxopt.train.cli import add_subcommands as add_train_subcommands
+from onnxopt.tune.cli import add_subcommand as add_tune_subcommand
 
 log = logging.getLogger("onnxopt")
 
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_bench)
     add_train_subcommands(sub, [common])  # train-env, distill (onnxopt/train/cli.py)
+    add_tune_subcommand(sub, [common])  # tune (onnxopt/tune/cli.py)
     return parser
 
 

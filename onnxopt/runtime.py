@@ -8,6 +8,7 @@ benchmarks and for inspecting the kernels onnxruntime actually picks.
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -25,6 +26,7 @@ from onnxopt.model import (
 Feed = Mapping[str, np.ndarray]
 
 NO_PREPACK_BYTES = 256 * 2**20
+THREADS_VAR = "ONNXOPT_THREADS"  # intra-op threads when the caller names none (tune workers)
 
 # onnxruntime's default logger prints optimizer chatter ("cannot remove node") to
 # stderr from sessions graphsurgeon and the checks create; errors still raise.
@@ -45,6 +47,7 @@ def make_session(
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     options.log_severity_level = 4  # failures raise with their message; no stderr noise
+    threads = threads or _env_threads()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -64,6 +67,11 @@ def make_session(
         options.add_session_config_entry("session.disable_prepacking", "1")
     with materialized(model) as source:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _env_threads() -> int | None:
+    raw = os.environ.get(THREADS_VAR, "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else None
 
 
 def feedable(session: ort.InferenceSession) -> set[str]:
