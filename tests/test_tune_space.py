@@ -59,8 +59,7 @@ def test_anchors_try_each_family_alone_and_distill_after_structure():
         "fold-batchnorm,remove-neurons(ratio=0.1),cleanup,compact",
         "fold-batchnorm,remove-neurons(ratio=0.1),distill(epochs=5),cleanup,compact",
         "fold-batchnorm,prune-initializers(sparsity=0.5,store=dense),cleanup,compact",
-        "fold-batchnorm,quantize-int8(method=mse,weights_only=false,latency=false),"
-        "cleanup,compact",
+        "fold-batchnorm,quantize-int8(method=mse,weights_only=false,latency=false),cleanup,compact",
         "fold-batchnorm,share-weights(bits=4,granularity=tensor),cleanup,compact",
     ]
 
@@ -94,8 +93,10 @@ def test_space_from_toml(tmp_path: Path):
         ("[[slot]]\nname='w'\nchoices=[{pass='share-weights', bits={low=2, high=9}}]", "bits"),
         ("[[slot]]\nname='w'\nchoices=[{pass='no-such-pass'}]", "slot 'w'"),
         ("[[slot]]\nname='w'\nrequires='x'\nchoices=['none']", "requires 'x'"),
-        ("[[slot]]\nname='w'\nchoices=[{pass='prune-initializers', sparsity={low=1, high=0}}]",
-         "low must be below high"),
+        (
+            "[[slot]]\nname='w'\nchoices=[{pass='prune-initializers', sparsity={low=1, high=0}}]",
+            "low must be below high",
+        ),
         ("not toml [", "not valid TOML"),
     ],
 )
@@ -148,7 +149,7 @@ def test_pareto_front_keeps_only_undominated_budget_meeting_trials():
     assert [r["trial"] for r in front] == [1, 0, 6]
     assert fidelity(records[6], "sqnr") == float("inf")
     assert fidelity(records[3], "sqnr") == 50.0
-    both = pareto_front(records[:3] + [_rec(7, 70, 10.0, latency=0.5)], "both", "sqnr")
+    both = pareto_front([*records[:3], _rec(7, 70, 10.0, latency=0.5)], "both", "sqnr")
     assert [r["trial"] for r in both] == [1, 7, 0]
     assert dominates((1, 1), (1, 2)) and not dominates((1, 2), (2, 1))
 
@@ -210,7 +211,7 @@ def _fake_tune(tmp_path, monkeypatch, name, trials=10, seed=3):
 
 
 def test_same_seed_same_trials_whatever_the_completion_order(tmp_path, monkeypatch):
-    first, engine = _fake_tune(tmp_path, monkeypatch, "a")
+    first, _engine = _fake_tune(tmp_path, monkeypatch, "a")
     second, _ = _fake_tune(tmp_path, monkeypatch, "b")
     pipelines = [t["pipeline"] for t in first["trials"]]
     assert pipelines == [t["pipeline"] for t in second["trials"]]
@@ -224,9 +225,7 @@ def test_same_seed_same_trials_whatever_the_completion_order(tmp_path, monkeypat
 def test_a_rerun_is_answered_by_the_cache(tmp_path, monkeypatch):
     first, engine = _fake_tune(tmp_path, monkeypatch, "a", trials=6)
     again, engine = _fake_tune(tmp_path, monkeypatch, "a", trials=8)
-    assert [t["pipeline"] for t in again["trials"][:6]] == [
-        t["pipeline"] for t in first["trials"]
-    ]
+    assert [t["pipeline"] for t in again["trials"][:6]] == [t["pipeline"] for t in first["trials"]]
     assert all(t["cached"] for t in again["trials"][:6])
     assert len(engine.ran) <= 2  # only the two new trials ran
     assert again["trials_run"] == len(engine.ran)
