@@ -52,6 +52,14 @@ def test_default_space_comes_from_the_model():
     assert [s.name for s in mlp.slots] == ["structure", "distill", "sparsity", "weights"]
 
 
+def test_weights_in_constant_nodes_count():
+    from onnxopt.tune.space import model_facts
+
+    lifted = model_facts(onnx.load(model_path("digits_mlp")))
+    constants = model_facts(onnx.load(model_path("digits_mlp_op11_constants")))
+    assert constants["weights_by_op"] == lifted["weights_by_op"] == {"Gemm": 17024}
+
+
 def test_anchors_try_each_family_alone_and_distill_after_structure():
     space = default_space(onnx.load(model_path("digits_cnn")), distill=True)
     pipelines = pipelines_of(space.anchor_params(), space)

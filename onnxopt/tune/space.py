@@ -463,8 +463,14 @@ MIN_WEIGHT = 256  # tensors below this are left alone by prune/share-weights def
 
 
 def model_facts(model: onnx.ModelProto) -> dict[str, Any]:
-    """Op types and weight elements per weighted op type (initializers only)."""
+    """Op types and weight elements per weighted op type (initializers and Constant
+    nodes; the manager lifts the latter into initializers before any pass runs)."""
     sizes = {t.name: math.prod(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:  # weights some exporters (Paddle) keep in Constant nodes
+        if node.op_type == "Constant" and node.output:
+            for attribute in node.attribute:
+                if attribute.name == "value" and attribute.HasField("t"):
+                    sizes[node.output[0]] = math.prod(attribute.t.dims)
     by_op: dict[str, int] = {}
     for node in model.graph.node:
         index = WEIGHT_INPUT.get(node.op_type)
