@@ -19,8 +19,11 @@ show what the pass does when nothing holds it back) in a fresh process, and repo
   no-speech decision agreement at 0.5 (VAD), embedding cosine (MiniLM).
 
 Time target: ``<= 3 x quantize_static + 15 s``. The machine is small and noisy: each
-cell is one measurement; the anchor is measured once per model, interleaved with the
-cells of that model.
+cell is one measurement, and the anchor is timed between every two cells; a cell is
+divided by the mean of the anchors just before and after it (``--anchor once``: one
+anchor per model). ``--vs PYTHON`` also runs every cell with another interpreter's
+onnxopt (a venv of an older checkout), right before the current one, and shows its
+ratio as "before".
 
     python tools/bench_zoo.py                                  # the full table
     python tools/bench_zoo.py --models ppocr-cls,vad --families lossless,int8
@@ -230,8 +233,11 @@ def child_anchor(spec: dict) -> dict:
 # ----------------------------------------------------------------------------- parent
 
 
-def run_child(kind: str, spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(spec)]
+def run_child(kind: str, spec: dict, timeout: float, python: str | None = None) -> dict:
+    """One measurement in a fresh process (``python``: another interpreter, whose own
+    onnxopt is measured — for before/after runs of two checkouts)."""
+    exe = python or sys.executable
+    cmd = [exe, str(Path(__file__).resolve()), "--child", kind, json.dumps(spec)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -264,7 +270,15 @@ def _status(rec: dict) -> str:
     return "; ".join(parts)
 
 
-def row(model: str, family: str, budget: str, rec: dict, anchor: float, file_mb: float) -> str:
+def row(
+    model: str,
+    family: str,
+    budget: str,
+    rec: dict,
+    anchor: float,
+    file_mb: float,
+    before: dict | None = None,
+) -> str:
     if "error" in rec:
         return f"| {model} | {family} | {budget} | {_status(rec)} | | | | | | | | |"
     limit_t = 3 * anchor + 15
@@ -272,9 +286,12 @@ def row(model: str, family: str, budget: str, rec: dict, anchor: float, file_mb:
     t_ok = "" if rec["wall"] <= limit_t else " ✗"
     m_ok = "" if rec["rss_mb"] <= limit_m else " ✗"
     task = f"{rec['task']} {rec['task_value']:.3f}" if rec["task"] else "-"
+    ratio = f"{rec['wall'] / anchor:.2f}"
+    if before is not None:
+        ratio += f" (before {before['wall'] / anchor:.2f})" if "wall" in before else " (before: -)"
     return (
         f"| {model} | {family} | {budget} | {_status(rec)} | {rec['wall']:.1f}{t_ok} | "
-        f"{rec['wall'] / anchor:.2f} | {rec['rss_mb']:.0f}{m_ok} | {rec['size'] / 1e6:.2f} | "
+        f"{ratio} | {rec['rss_mb']:.0f}{m_ok} | {rec['size'] / 1e6:.2f} | "
         f"{rec['deflated'] / 1e6:.2f} | {_fmt(rec['sqnr'])} | {_fmt(rec['cosine'], '{:.4f}')} | "
         f"{task} |"
     )
@@ -294,6 +311,20 @@ def main(argv=None) -> int:
     ap.add_argument("--no-unbudgeted", action="store_true", help="skip the budget=none cells")
     ap.add_argument("--json", help="write the raw records here")
     ap.add_argument("--timeout", type=float, default=CELL_TIMEOUT, help="seconds per cell")
+    ap.add_argument(
+        "--vs",
+        metavar="PYTHON",
+        help="also run every cell with this interpreter's onnxopt (e.g. a venv of an "
+        "older checkout), interleaved, and show its time as 'before'",
+    )
+    ap.add_argument(
+        "--anchor",
+        choices=("interleaved", "once"),
+        default="interleaved",
+        help="time quantize_static between every two cells and divide each cell by the "
+        "mean of its neighbours (default; robust to a machine whose load changes), or "
+        "once per model",
+    )
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -335,26 +366,47 @@ def main(argv=None) -> int:
                 "calib": str(calib),
                 "eval": str(evaluation),
             }
-            anchor_rec = run_child("anchor", dict(base, out=f"{tmp}/{model}.qs.onnx"), args.timeout)
-            anchor = anchor_rec.get("wall", float("nan"))
+            anchor_spec = dict(base, out=f"{tmp}/{model}.qs.onnx")
+
+            def measure_anchor(anchor_spec=anchor_spec) -> float:
+                rec = run_child("anchor", anchor_spec, args.timeout)
+                records.append(dict(anchor_spec, family="anchor", **rec))
+                return rec.get("wall", float("nan"))
+
+            anchors = [measure_anchor()]
+            cells = [
+                (family, budget)
+                for family in families
+                for budget in (
+                    [None, "none"] if FAMILIES[family][1] and not args.no_unbudgeted else [None]
+                )
+            ]
+            for family, budget in cells:
+                spec = dict(
+                    base,
+                    pipeline=FAMILIES[family][0],
+                    budget=budget,
+                    out=f"{tmp}/{model}.{family}.onnx",
+                )
+                before = run_child("onnxopt", spec, args.timeout, args.vs) if args.vs else None
+                rec = run_child("onnxopt", spec, args.timeout)
+                if args.anchor == "interleaved":
+                    anchors.append(measure_anchor())
+                    anchor = float(np.mean(anchors[-2:]))
+                else:
+                    anchor = anchors[0]
+                print(
+                    row(model, family, budget or "default", rec, anchor, file_mb, before),
+                    flush=True,
+                )
+                records.append(dict(spec, family=family, anchor=anchor, before=before, **rec))
+                Path(spec["out"]).unlink(missing_ok=True)
             print(
-                f"| {model} | quantize_static (anchor) | - | "
-                f"{'ok' if 'wall' in anchor_rec else _status(anchor_rec)} | "
-                f"{_fmt(anchor)} | 1.00 | "
-                f"{_fmt(anchor_rec.get('rss_mb'), '{:.0f}')} | | | | | |",
+                f"| {model} | quantize_static (anchor) | - | ok | "
+                f"median {_fmt(float(np.nanmedian(anchors)))} of {len(anchors)} | 1.00 | "
+                f"| | | | | |",
                 flush=True,
             )
-            records.append(dict(base, family="anchor", **anchor_rec))
-            for family in families:
-                pipeline, lossy = FAMILIES[family]
-                for budget in [None, "none"] if lossy and not args.no_unbudgeted else [None]:
-                    spec = dict(
-                        base, pipeline=pipeline, budget=budget, out=f"{tmp}/{model}.{family}.onnx"
-                    )
-                    rec = run_child("onnxopt", spec, args.timeout)
-                    print(row(model, family, budget or "default", rec, anchor, file_mb), flush=True)
-                    records.append(dict(spec, family=family, anchor=anchor, **rec))
-                    Path(spec["out"]).unlink(missing_ok=True)
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=1, default=str))
     return 0
