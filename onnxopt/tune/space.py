@@ -26,7 +26,10 @@ TOML (``--space FILE.toml``, replaces the default space)::
     ]
 
 A slot with ``requires = "other"`` is only open when the earlier slot ``other`` picked a
-pass (the default space's ``distill`` requires ``structure``). An option range's
+pass; with ``recovers = true`` as well, its pass recovers what ``other``'s lost: when
+both run, ``other``'s step gets ``budget="none"`` (structural checks only) and the
+budget applies from this step on, still against the original, so the final model
+meets it (the default space's ``distill`` requires and recovers ``structure``). An option range's
 ``anchor`` is the value anchor trials use (default: the middle of
 the range, the first choice). The **default space** (:func:`default_space`) is
 derived from the model: see :func:`default_space` for the rules.
@@ -101,6 +104,10 @@ class Slot:
     name: str
     alternatives: tuple[Alternative, ...]
     requires: str | None = None  # an earlier slot that must have picked a pass
+    # this slot's pass recovers what the required slot's pass lost (distill after
+    # remove-neurons): when both run, the required step is checked structurally only
+    # (budget none) and the budget is enforced from this step on, still vs the original
+    recovers: bool = False
 
 
 @dataclass
@@ -128,6 +135,8 @@ class SearchSpace:
         if duplicates:
             raise UsageError(f"space: slot name(s) used twice: {', '.join(duplicates)}")
         for index, slot in enumerate(self.slots):
+            if slot.recovers and slot.requires is None:
+                raise UsageError(f"space: slot {slot.name!r}: recovers needs requires = SLOT")
             if slot.requires is not None and slot.requires not in names[:index]:
                 raise UsageError(
                     f"space: slot {slot.name!r} requires {slot.requires!r}, which is not an "
@@ -139,19 +148,23 @@ class SearchSpace:
     def suggest(self, trial: Any) -> str:
         """Ask ``trial`` (an Optuna trial) for one value per open choice; the pipeline."""
         steps = list(self.head)
-        picked: dict[str, str] = {}
+        picked: dict[str, tuple[str, int, dict[str, Scalar]]] = {}
         for slot in self.slots:
-            if slot.requires is not None and picked.get(slot.requires, NONE) == NONE:
+            if slot.requires is not None and picked.get(slot.requires, (NONE,))[0] == NONE:
                 continue  # e.g. distill only after a structural step
             alternative = _pick(trial, slot)
-            picked[slot.name] = alternative.label
             if alternative.pass_name is None:
+                picked[slot.name] = (NONE, -1, {})
                 continue
             values = {
                 name: _suggest_option(trial, f"{slot.name}.{alternative.label}.{name}", spec)
                 for name, spec in alternative.options.items()
             }
+            picked[slot.name] = (alternative.pass_name, len(steps), values)
             steps.append(step_text(alternative.pass_name, values))
+            if slot.recovers:
+                name, index, earlier = picked[slot.requires]
+                steps[index] = step_text(name, {**earlier, "budget": "none"})
         steps += self.tail
         return ",".join(steps)
 
@@ -206,6 +219,7 @@ class SearchSpace:
                     "name": s.name,
                     "choices": [_alternative_dict(a) for a in s.alternatives],
                     **({"requires": s.requires} if s.requires else {}),
+                    **({"recovers": True} if s.recovers else {}),
                 }
                 for s in self.slots
             ],
@@ -408,7 +422,7 @@ def _slot(index: int, raw: Any) -> Slot:
     if not isinstance(raw, Mapping) or "name" not in raw or "choices" not in raw:
         raise UsageError(f"[[slot]] #{index + 1} needs name = ... and choices = [...]")
     name = raw["name"]
-    extra = sorted(set(raw) - {"name", "choices", "requires"})
+    extra = sorted(set(raw) - {"name", "choices", "requires", "recovers"})
     if extra:
         raise UsageError(f"slot {name!r}: unknown key(s) {', '.join(extra)}")
     if not isinstance(raw["choices"], list) or not raw["choices"]:
@@ -416,7 +430,8 @@ def _slot(index: int, raw: Any) -> Slot:
     requires = raw.get("requires")
     if requires is not None and not isinstance(requires, str):
         raise UsageError(f"slot {name!r}: requires must be a slot name")
-    return Slot(str(name), tuple(_alternative(name, c) for c in raw["choices"]), requires)
+    choices = tuple(_alternative(name, c) for c in raw["choices"])
+    return Slot(str(name), choices, requires, bool(raw.get("recovers", False)))
 
 
 def _alternative(slot: str, raw: Any) -> Alternative:
@@ -492,8 +507,9 @@ def default_space(model: onnx.ModelProto, *, distill: bool | None = None) -> Sea
     - head ``fold-batchnorm`` when the model has BatchNormalization; tail
       ``cleanup,compact`` (lossless; compact shortens names: a smaller file);
     - ``structure``: remove-neurons (ratio 0.05-0.5) when Conv/Gemm/MatMul weights exist;
-    - ``distill`` (3-10 epochs), only after remove-neurons (it retrains the thinner
-      model against the original), when the training adjunct is installed
+    - ``distill`` (3-10 epochs), only after remove-neurons, which it recovers: the
+      remove-neurons step is then checked structurally only and the budget applies
+      from distill on (vs the original); when the training adjunct is installed
       (``onnxopt train-env``);
     - ``sparsity``: prune-initializers (sparsity 0.3-0.9, dense or sparse storage);
     - ``weights``: quantize-int8 (calibration method, weights-only on/off),
@@ -522,7 +538,9 @@ def default_space(model: onnx.ModelProto, *, distill: bool | None = None) -> Sea
     if distill and dense:
         epochs = Range(3, 10, 1, anchor=5)
         distill_alt = _alt("distill", epochs=epochs)
-        slots.append(Slot("distill", (Alternative(None), distill_alt), requires="structure"))
+        slots.append(
+            Slot("distill", (Alternative(None), distill_alt), requires="structure", recovers=True)
+        )
         notes.append("distill: the training adjunct is installed")
     else:
         notes.append("distill: left out (" + ("no weights" if distill else "no adjunct") + ")")
