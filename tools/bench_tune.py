@@ -19,7 +19,8 @@ Three parts (all by default; pick with ``--parts``):
 
     python tools/bench_tune.py                                   # everything
     python tools/bench_tune.py --parts digits,scaling --repeats 2
-    python tools/bench_tune.py --parts zoo --models ppocr-cls,minilm --trials 12 --png docs/img
+    python tools/bench_tune.py --parts zoo --models ppocr-cls,minilm --trials 12 --png docs/img \
+        --space minilm=tools/tune_spaces/quick.toml
 """
 
 from __future__ import annotations
@@ -170,11 +171,13 @@ def part_zoo(args, work: Path) -> dict:
         calib, evaluation = zoo_data.ensure([name])[name]
         model = bench_zoo.fetch_zoo.model_path(name)
         budget = ZOO_BUDGETS.get(name)
+        space = dict(item.split("=", 1) for item in args.space).get(name)
         pareto, seconds = _tune(
             model,
             work / name,
             data=calib,
             budget=budget,
+            space=space,
             trials=args.trials,
             seed=args.seed,
             workers=2,
@@ -252,6 +255,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--png", help="folder for the zoo plots' screenshots")
     parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument(
+        "--space", action="append", default=[], metavar="MODEL=FILE", help="zoo: a space file"
+    )
+    parser.add_argument("--workdir", help="keep outputs (and the trial cache) here")
     args = parser.parse_args(argv)
     import onnxruntime
 
@@ -262,8 +269,10 @@ def main(argv=None) -> int:
     parts = {"digits": part_digits, "scaling": part_scaling, "zoo": part_zoo}
     results = {}
     with tempfile.TemporaryDirectory(prefix="onnxopt-bench-tune-") as tmp:
+        work = Path(args.workdir) if args.workdir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for part in args.parts.split(","):
-            results[part] = parts[part](args, Path(tmp))
+            results[part] = parts[part](args, work)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     return 0
