@@ -61,6 +61,7 @@ svg .title { font-size: 13px; font-weight: 600; fill: #202124; }
 svg .grid { stroke: #eceff1; }
 svg .axis { stroke: #5f6368; }
 svg .pt-label { font-size: 10px; fill: #1f3b6b; }
+div.table { overflow-x: auto; }
 table { border-collapse: collapse; margin: 8px 0; font-size: 13px; }
 th, td { border-bottom: 1px solid #e0e3e7; padding: 3px 10px; text-align: left;
          vertical-align: top; }
@@ -213,12 +214,18 @@ class _Plot:
         for p in points:
             out.append(self._marker(s.style, self.px(p.x), self.py(p.y), color, p.hover))
             if p.label:
-                out.append(
-                    f'<text class="pt-label" x="{self.px(p.x) + 7:.1f}" '
-                    f'y="{self.py(p.y) - 6:.1f}">{_esc(p.label)}</text>'
-                )
+                out.append(self._label(p))
         out.append("</g>")
         return out
+
+    def _label(self, p: Point) -> str:
+        x, y = self.px(p.x), self.py(p.y) - 6
+        if x + 7 + 6 * len(p.label) > self.width:  # near the right edge: write it leftwards
+            return (
+                f'<text class="pt-label" x="{x - 7:.1f}" y="{y:.1f}" text-anchor="end">'
+                f"{_esc(p.label)}</text>"
+            )
+        return f'<text class="pt-label" x="{x + 7:.1f}" y="{y:.1f}">{_esc(p.label)}</text>'
 
     def _line(self, kind: str, points: Sequence[Point], color: str) -> str:
         ordered = sorted(points, key=lambda p: (p.x, p.y))
@@ -333,7 +340,10 @@ def table(
         attr = f' class="{_esc(css)}"' if css else ""
         cells = "".join(_cell(value) for value in row)
         body.append(f"<tr{attr}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return (
+        f'<div class="table"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
 
 
 def _cell(value: object) -> str:

@@ -80,6 +80,14 @@ def test_step_line_goes_across_then_up():
     assert coords[1][1] == coords[0][1] and coords[1][0] == coords[2][0]
 
 
+def test_labels_near_the_right_edge_are_written_leftwards():
+    points = [html.Point(1.0, 1.0, "left"), html.Point(2.0, 2.0, "right edge")]
+    root = _svg(html.scatter([html.Series("s", points)], html.Axis("x"), html.Axis("y")))
+    labels = {t.text: t for t in root.iter(f"{SVG}text") if t.get("class") == "pt-label"}
+    assert labels["left"].get("text-anchor") is None
+    assert labels["right edge"].get("text-anchor") == "end"
+
+
 def test_points_without_a_finite_coordinate_are_counted_not_drawn():
     points = [
         html.Point(1.0, 2.0),
@@ -113,7 +121,7 @@ def test_table_escapes_text_and_aligns_numbers():
     assert "&lt;b&gt;x&lt;/b&gt;" in fragment and "<b>" not in fragment
     assert '<td class="num">1,234</td>' in fragment and '<td class="num">0.5</td>' in fragment
     assert fragment.count('<tr class="primary">') == 1
-    assert ET.fromstring(fragment).find("tbody") is not None  # well-formed
+    assert ET.fromstring(fragment).find("table/tbody") is not None  # well-formed
 
 
 def test_page_is_self_contained(tmp_path: Path):

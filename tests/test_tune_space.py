@@ -202,7 +202,7 @@ class FakeEngine:
                 "size_bytes": 69739 if ok else 1000,
                 "metrics": {"sqnr": float(digest % 40)},
                 "latency_ms": 0.01,
-                "latency_ratio": 1.0,
+                "latency_ratio": 0.5 + (digest % 40) / 40,  # fidelity costs latency
                 "worker": "fake",
             }
 
@@ -210,14 +210,28 @@ class FakeEngine:
         return None
 
 
-def _fake_tune(tmp_path, monkeypatch, name, trials=10, seed=3):
+def _fake_tune(tmp_path, monkeypatch, name, trials=10, seed=3, objective="size"):
     engine = FakeEngine()
     monkeypatch.setattr(api, "make_engine", lambda *a, **k: engine)
     space = default_space(onnx.load(model_path("digits_cnn")), distill=False)
     result = api.tune(
-        model_path("digits_cnn"), tmp_path / name, trials=trials, seed=seed, space=space
+        model_path("digits_cnn"),
+        tmp_path / name,
+        trials=trials,
+        seed=seed,
+        space=space,
+        objective=objective,
     )
     return result.outcomes[0].pareto, engine
+
+
+@pytest.mark.parametrize("objective", ["latency", "both"])
+def test_latency_objectives_reach_the_front_and_the_page(tmp_path, monkeypatch, objective):
+    pareto, _ = _fake_tune(tmp_path, monkeypatch, "a", trials=6, objective=objective)
+    assert pareto["objective"] == objective and len(pareto["points"]) > 1
+    page = (tmp_path / "a" / "pareto.html").read_text()
+    assert f"objective {objective}" in page
+    assert page.count("<polyline") == (1 if objective == "latency" else 0)
 
 
 def test_same_seed_same_trials_whatever_the_completion_order(tmp_path, monkeypatch):
