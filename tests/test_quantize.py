@@ -477,13 +477,13 @@ def _matmul_weight_bytes(model: onnx.ModelProto) -> tuple[int, int]:
 @pytest.mark.parametrize("form", ["dq", "matmulnbits"])
 def test_int4_transformer_size_and_cosine(form):
     result = onnxopt.optimize(
-        model_path("digits_transformer"), f"quantize-int4(format={form})", data=TRAIN
+        model_path("digits_transformer"), f"quantize-int4(format={form},unfused=dq)", data=TRAIN
     )
     step = result.steps[-1]
     assert step["status"] == "accepted", step["reason"]
     assert step["metrics_vs_original"]["logits"]["cosine"] >= 0.99
     before, after = _matmul_weight_bytes(result.model)
-    assert after <= 0.16 * before
+    assert after <= 0.165 * before  # 4 bits + (32-bit scale + 4-bit zero point) / 32
     runtime = runtime_ops(result.model)
     assert runtime.get("MatMulNBits") == 13  # the DQ form is fused by onnxruntime too
     graph_ops = ops(result.model)
@@ -497,7 +497,7 @@ def test_int4_transformer_size_and_cosine(form):
     else:
         # the embedding MatMul has K=8 < block: kept in the exact-size DQ form
         assert graph_ops["MatMulNBits"] == 12 and graph_ops["DequantizeLinear"] == 2
-    again = onnxopt.optimize(result.model, f"quantize-int4(format={form})", data=TRAIN)
+    again = onnxopt.optimize(result.model, f"quantize-int4(format={form},unfused=dq)", data=TRAIN)
     assert again.steps[-1]["status"] == "no-op"
 
 
@@ -515,7 +515,7 @@ def test_int4_asymmetric_blocks_and_gather_embeddings():
         [numpy_helper.from_array(table, "table"), numpy_helper.from_array(weight, "W")],
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    result = onnxopt.optimize(model, "quantize-int4(symmetric=false,block_size=64)")
+    result = onnxopt.optimize(model, "quantize-int4(symmetric=false,block_size=64,unfused=dq)")
     step = result.steps[-1]
     assert step["status"] == "accepted", step["reason"]
     assert step["details"]["by_op"] == {"Gather": 1, "MatMul": 1}
@@ -540,8 +540,8 @@ def test_int4_blocked_roundtrip_and_packing():
 
 
 def test_int4_rejects_unknown_op_types():
-    with pytest.raises(UsageError, match="not supported; valid: MatMul, Gemm, Gather"):
-        Pipeline.parse("quantize-int4(op_types=[Conv])")
+    with pytest.raises(UsageError, match="LSTM not supported; valid: MatMul, Gemm, Gather, Conv"):
+        Pipeline.parse("quantize-int4(op_types=[LSTM])")
 
 
 # ---------------------------------------------------------------------------- speed=auto

@@ -1,35 +1,72 @@
 """``quantize-int4`` — blocked 4-bit weight-only quantization (lossy).
 
-Rewrite: the constant weight of each MatMul (``B``, 2-D ``[K, N]``), Gemm (``B``) and
-Gather (the embedding table, 2-D) is split into blocks of ``block_size`` consecutive
-elements along the reduction axis K (along the embedding dimension for Gather); each
-block gets one float32 scale — symmetric (``symmetric=true``, default): int4 values
-in ``[-7, 7]``, ``scale = max|w| / 7``; asymmetric: uint4 ``[0, 15]`` with a uint4 zero
-point per block. Activations and biases stay float.
+Rewrite: the constant float32 weight of each MatMul (``B``, 2-D ``[K, N]``), Gemm
+(``B``), Gather (the embedding table, 2-D), Conv and ConvTranspose is replaced by
+4-bit integers and their dequantization (see the output forms below). Activations
+and biases stay float; nothing is calibrated for activations (weight-only).
 
-Two output forms (``format=``):
+Which elements share a scale (``int4_grid.Layout``) — always the *reduction* axis,
+so that one block holds weights that are summed together into one output:
 
-- ``dq`` (default): a standard ONNX ``DequantizeLinear`` with an INT4/UINT4 input,
+- MatMul ``[K, N]``: blocks of ``block_size`` along K (axis 0); Gemm: along K (axis 0,
+  or axis 1 when ``transB=1``); Gather ``[V, D]``: along the embedding axis 1.
+- Conv ``[O, I/g, k...]``: blocks along the input-channel axis 1, i.e. for each
+  output channel and each kernel position, ``block_size`` consecutive input channels
+  share a scale (scale shape ``[O, ceil(I/g / block_size), k...]``); ConvTranspose
+  ``[I, O/g, k...]``: along its input-channel axis 0. On a 1x1 convolution this is
+  exactly the MatMul layout. When ``block_size`` does not divide the channels, the
+  block is their largest divisor between ``block_size / 2`` and ``block_size``
+  (``conv_block``: 88 channels -> blocks of 22), so blocks tile the channels exactly.
+- *Narrow* convolutions — fewer than ``NARROW_CHANNELS`` input channels per group:
+  depthwise kernels (``I/g = 1``), the RGB stem — cannot form blocks along the input
+  channels (a block of 1 or 3 elements would store one float scale per 1–3 weights,
+  larger than float32). They get one scale per output channel over the whole kernel
+  (per-axis, axis 0; ConvTranspose axis 1) at ``narrow`` precision: ``int8``
+  (default, symmetric: these layers are few weights and the most sensitive),
+  ``int4``, or ``float`` (left alone).
+
+Numerics (``grid`` ranges in ``int4_grid``): asymmetric (``symmetric=false``,
+default) uint4 ``[0, 15]`` with a uint4 zero point per block, or symmetric int4
+``[-8, 7]``; one float32 scale per block. ``weight_clip=mse`` (default) chooses each
+block's scale (and zero point) minimising its rounding error weighted by the mean
+square of the matching inputs (from the calibration samples; unweighted without
+them); ``max`` covers the block's full range. ``rounding=gptq`` (default when
+calibration samples exist) then rounds MatMul/Gemm/Conv weights with GPTQ error
+feedback (``gptq.py``) under those scales; Gather tables, ConvTranspose, 3-D convs
+and ``rounding=nearest`` round to nearest.
+
+Output forms. ``format=`` chooses how MatMul and MatMul-like Gemm weights are written:
+
+- ``dq`` (default): standard ONNX ``DequantizeLinear`` with an INT4/UINT4 input,
   ``axis`` and ``block_size`` (opset 21 — the graph is converted with
   ``upgrade-opset``'s converter when older). onnxruntime fuses DQ→MatMul (and
   DQ→Gemm with ``transB=0``, ``alpha=beta=1``) into its ``MatMulNBits`` kernel.
 - ``matmulnbits``: onnxruntime's ``com.microsoft.MatMulNBits`` written directly
   (MatMul, and Gemm with ``transA=0``, ``transB=0``, ``alpha=1``, ``beta=1`` and a
   bias of N values, which becomes its bias input) whose K is a multiple of
-  ``block_size``; other weights use the ``dq`` form (no padded blocks in the file).
-  Other runtimes cannot run it.
+  ``block_size``; other weights use the ``dq`` form. Other runtimes cannot run it.
 
-``rounding=gptq`` (default when calibration samples exist) rounds MatMul/Gemm weights
-with GPTQ error feedback (``gptq.py``) under the blocked scales; Gather tables and
-``rounding=nearest`` round to nearest.
+``unfused=`` chooses the form of the other weights (Conv, ConvTranspose, Gather,
+other Gemm), which no onnxruntime kernel reads from a ``DequantizeLinear``:
 
-Size: symmetric, ``block_size=32``: 4 bits + 32 bits / 32 = 5 bits per weight,
-0.156x float32.
+- ``cast`` (default): ``Reshape((Cast(q) - Cast(zero_point)) * scale)`` on the same
+  4-bit constants (levels split ``[.., blocks, block, ..]`` so the scale broadcasts).
+  All inputs are constants, so onnxruntime folds it into a float32 weight when the
+  session loads: fp32 speed (and its NCHWc Conv kernels), the same small file, the
+  same numbers as the DQ form. A weight whose blocks do not tile its axis uses ``dq``.
+- ``dq``: ``DequantizeLinear``. onnxruntime does not constant-fold DequantizeLinear
+  (it keeps them for QDQ fusion), so it dequantizes every weight on every inference
+  and loses its prepacked Conv kernels: 1.96x fp32 latency on PP-OCR cls.
 
-Does nothing (no-op) when no MatMul/Gemm/Gather has a float32 2-D constant weight;
-weights already quantized (fed by DequantizeLinear) are not constants and are left
-alone, so a second run is a no-op. ``op_types=`` and ``exclude=`` (node-name globs)
-restrict the targets. Weights shared by several nodes are quantized once per node.
+Size: asymmetric, ``block_size=32``: 4 bits + (32 + 4) bits / 32 = 5.125 bits per
+weight, 0.16x float32; narrow int8 convolutions: 8 bits + 32 / kernel size.
+
+Does nothing (no-op, with the reason) when no target has a float32 constant weight —
+in particular on an already quantized model (the reason names what is there:
+QLinearConv, ConvInteger, DequantizeLinear, a Cast of integer weights...): quantized
+weights are not float constants, so a second run is a no-op. ``op_types=`` and
+``exclude=`` (node-name globs) restrict the targets. Weights shared by several nodes
+are quantized once per node.
 """
 
 from __future__ import annotations
@@ -44,19 +81,29 @@ from onnx import TensorProto, helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt.passes.quantize import calibrate, gptq, numerics, upgrade
+from onnxopt.passes.quantize.int4_grid import Grid, Layout, choose_scales, round_nearest
 from onnxopt.pipeline import Pass, PassContext, PassResult, matches_any, option, register_pass
 
 log = logging.getLogger(__name__)
 
-TARGET_OPS = ("MatMul", "Gemm", "Gather")
+TARGET_OPS = ("MatMul", "Gemm", "Gather", "Conv", "ConvTranspose")
+CONV_OPS = ("Conv", "ConvTranspose")
+NARROW_CHANNELS = 16  # fewer input channels per group: one scale per output channel
 MS_DOMAIN = "com.microsoft"
+QUANTIZED_OPS = {
+    "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits",
+    "QGemm", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+    "GatherBlockQuantized", "DequantizeLinear",
+}  # fmt: skip
+LOW_BIT_TYPES = (TensorProto.INT4, TensorProto.UINT4, TensorProto.INT8, TensorProto.UINT8)
 
 
 @dataclass
 class Target:
     node: gs.Node
     index: int  # input index of the weight
-    axis: int  # blocked axis of the stored weight (the reduction axis)
+    layout: Layout
+    grid: Grid
     matmulnbits: bool = False  # emitted as MatMulNBits (format=matmulnbits, MatMul-like)
 
 
@@ -64,9 +111,11 @@ class Target:
 class Counts:
     weights: int = 0
     matmulnbits: int = 0
+    cast: int = 0
     bytes_before: int = 0
     bytes_after: int = 0
     by_op: dict[str, int] = field(default_factory=dict)
+    by_bits: dict[str, int] = field(default_factory=dict)
 
 
 @register_pass
@@ -77,15 +126,28 @@ class QuantizeInt4Pass(Pass):
 
     @dataclass
     class Options:
-        block_size: Literal[32, 64, 128] = option(32, "elements per scale along K")
-        symmetric: bool = option(True, "int4 [-7, 7] without zero point; false: uint4 + zero point")
+        block_size: Literal[16, 32, 64, 128] = option(32, "elements per scale along K")
+        symmetric: bool = option(
+            False, "int4 [-8, 7] without zero point; false: uint4 + a zero point per block"
+        )
         format: Literal["dq", "matmulnbits"] = option(
             "dq", "INT4 DequantizeLinear (opset 21) or onnxruntime's MatMulNBits"
         )
-        op_types: list[str] = option((), "restrict to these of MatMul, Gemm, Gather")
+        op_types: list[str] = option(
+            (), "restrict to these of MatMul, Gemm, Gather, Conv, ConvTranspose"
+        )
         exclude: list[str] = option((), "node-name globs kept float")
         rounding: Literal["gptq", "nearest"] = option(
-            "gptq", "GPTQ error feedback on calibration data (MatMul/Gemm), or nearest"
+            "gptq", "GPTQ error feedback on calibration data (MatMul/Gemm/Conv), or nearest"
+        )
+        weight_clip: Literal["mse", "max"] = option(
+            "mse", "per-block scale: input-weighted MSE search, or the block's full range"
+        )
+        unfused: Literal["cast", "dq"] = option(
+            "cast", "weights onnxruntime cannot fuse with a DequantizeLinear (Conv, Gather...)"
+        )
+        narrow: Literal["int8", "int4", "float"] = option(
+            "int8", "convs with < 16 input channels per group (depthwise, stem): per channel"
         )
         accuracy_level: int = option(
             0, "MatMulNBits accuracy_level (0: default; 4: int8 compute)", range=(0, 4)
@@ -99,15 +161,15 @@ class QuantizeInt4Pass(Pass):
                 )
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        targets = [t for t in map(self._target, graph.nodes) if t is not None]
+        targets = self._targets(graph)
         if not targets:
-            return PassResult(False, notes=["no float32 2-D MatMul/Gemm/Gather weight"])
+            return PassResult(False, notes=[_nothing_to_do(graph)])
         notes: list[str] = []
         needs_dq = any(not t.matmulnbits for t in targets)
         if needs_dq and upgrade.default_opset(graph) < 21:
             old = upgrade.upgrade_graph(graph, ctx, 21)
             notes.append(f"opset {old} upgraded to 21 (blocked INT4 DequantizeLinear)")
-            targets = [t for t in map(self._target, graph.nodes) if t is not None]
+            targets = self._targets(graph)
         hessians = self._hessians(graph, ctx, targets)
         self._graph = graph
         self._names = set(graph.tensors())
@@ -121,15 +183,19 @@ class QuantizeInt4Pass(Pass):
         result_counts = {
             "weights_quantized": counts.weights,
             "matmulnbits": counts.matmulnbits,
+            "cast_form": counts.cast,
             "weight_bytes_before": counts.bytes_before,
             "weight_bytes_after": counts.bytes_after,
             "weight_size_ratio": round(ratio, 4),
             "gptq_weights": len(hessians),
         }
-        details = {"by_op": counts.by_op, "gptq_nodes": sorted(hessians)}
+        details = {"by_op": counts.by_op, "by_bits": counts.by_bits, "gptq_nodes": sorted(hessians)}
         return PassResult(True, result_counts, details, notes)
 
     # -- selection
+
+    def _targets(self, graph: gs.Graph) -> list[Target]:
+        return [t for t in map(self._target, graph.nodes) if t is not None]
 
     def _target(self, node: gs.Node) -> Target | None:
         opts = self.options
@@ -143,21 +209,41 @@ class QuantizeInt4Pass(Pass):
         weight = node.inputs[index]
         if not isinstance(weight, gs.Constant) or weight.values.dtype != np.float32:
             return None
+        if node.op in CONV_OPS:
+            return self._conv_target(node, weight.values.shape)
         if weight.values.ndim != 2:
             return None
+        int4 = Grid(4, opts.symmetric)
         if node.op == "Gather":
             if int(node.attrs.get("axis", 0)) != 0:
                 return None
-            return Target(node, 0, axis=1)
-        if node.op == "Gemm":
-            if not isinstance(node.inputs[0], gs.Variable):
-                return None
-            axis = 1 if int(node.attrs.get("transB", 0)) else 0
-            nbits = self._nbits(weight.values.shape[0]) and _gemm_is_matmul(node)
-            return Target(node, 1, axis=axis, matmulnbits=nbits)
+            return Target(node, 0, Layout(1, opts.block_size), int4)
         if not isinstance(node.inputs[0], gs.Variable):
             return None
-        return Target(node, 1, axis=0, matmulnbits=self._nbits(weight.values.shape[0]))
+        if node.op == "Gemm":
+            axis = 1 if int(node.attrs.get("transB", 0)) else 0
+            nbits = self._nbits(weight.values.shape[0]) and _gemm_is_matmul(node)
+            return Target(node, 1, Layout(axis, opts.block_size), int4, matmulnbits=nbits)
+        nbits = self._nbits(weight.values.shape[0])
+        return Target(node, 1, Layout(0, opts.block_size), int4, matmulnbits=nbits)
+
+    def _conv_target(self, node: gs.Node, shape: tuple[int, ...]) -> Target | None:
+        opts = self.options
+        if len(shape) < 3 or not isinstance(node.inputs[0], gs.Variable):
+            return None
+        group = int(node.attrs.get("group", 1))
+        transpose = node.op == "ConvTranspose"
+        per_group = shape[0] // group if transpose else shape[1]
+        if per_group >= NARROW_CHANNELS:
+            channels = shape[0] if transpose else shape[1]
+            layout = Layout(0 if transpose else 1, conv_block(channels, opts.block_size))
+            return Target(node, 1, layout, Grid(4, opts.symmetric))
+        if opts.narrow == "float":
+            return None
+        axis = (1 if group == 1 else 0) if transpose else 0
+        # int8: symmetric (a zero point buys nothing at 8 bits and costs two nodes)
+        grid = Grid(8, True) if opts.narrow == "int8" else Grid(4, opts.symmetric)
+        return Target(node, 1, Layout(axis, None), grid)
 
     def _nbits(self, k: int) -> bool:
         # MatMulNBits pads K to whole blocks; when K is not a multiple of the block the
@@ -167,18 +253,19 @@ class QuantizeInt4Pass(Pass):
     def _hessians(
         self, graph: gs.Graph, ctx: PassContext, targets: list[Target]
     ) -> dict[str, gptq.Hessian]:
-        if self.options.rounding != "gptq" or not ctx.calibration:
+        opts = self.options
+        if not ctx.calibration or (opts.rounding != "gptq" and opts.weight_clip != "mse"):
             return {}
         hessians: dict[str, gptq.Hessian] = {}
         observers: dict[str, list] = {}
         for target in targets:
             node = target.node
-            if node.op == "Gather" or not gptq.Hessian.supports(node):
+            if node.op in ("Gather", "ConvTranspose") or not gptq.Hessian.supports(node):
                 continue
             hessians[node.name] = gptq.Hessian(node, ctx.rng)
             observers.setdefault(node.inputs[0].name, []).append(hessians[node.name].update)
         if observers:
-            calibrate.collect(ctx, graph, [], observers, desc="int4: GPTQ statistics")
+            calibrate.collect(ctx, graph, [], observers, desc="int4: input statistics")
         return {name: h for name, h in hessians.items() if h.rows}
 
     # -- rewrite
@@ -187,43 +274,40 @@ class QuantizeInt4Pass(Pass):
         self, graph: gs.Graph, target: Target, hessian: gptq.Hessian | None, counts: Counts
     ) -> None:
         node, weight = target.node, target.node.inputs[target.index]
-        stored = weight.values if target.axis == 0 else weight.values.T  # [K, N]: blocks on K
-        q, scale, zero = self._blocked(node, stored, hessian)
+        q, scale, zero = self._levels(target, weight.values, hessian)
         counts.weights += 1
         counts.by_op[node.op] = counts.by_op.get(node.op, 0) + 1
+        key = f"int{target.grid.bits}"
+        counts.by_bits[key] = counts.by_bits.get(key, 0) + 1
         counts.bytes_before += weight.values.nbytes
         if target.matmulnbits:
             counts.matmulnbits += 1
             counts.bytes_after += self._emit_matmulnbits(graph, target, q, scale, zero)
-        else:
-            if target.axis == 1:  # back to the stored layout: blocks along axis 1
-                q, scale = q.T, scale.T
-                zero = zero.T if zero is not None else None
+        elif self.options.unfused == "dq" or not _cast_form_fits(target, weight.values.shape):
             counts.bytes_after += self._emit_dq(target, weight, q, scale, zero)
+        else:
+            counts.cast += 1
+            counts.bytes_after += self._emit_cast(target, weight, q, scale, zero)
 
-    def _blocked(
-        self, node: gs.Node, stored: np.ndarray, hessian: gptq.Hessian | None
+    def _levels(
+        self, target: Target, w: np.ndarray, hessian: gptq.Hessian | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """``[K, N]`` levels, ``[blocks, N]`` scales, zero points (asymmetric)."""
-        opts = self.options
-        q, scale, zero = numerics.quantize_blocked(stored, opts.block_size, opts.symmetric)
-        if hessian is None:
-            return q, scale, zero
-        k = stored.shape[0]
-        per_element = np.repeat(scale, opts.block_size, axis=0)[:k].T  # [N, K]
-        zero_element = None
-        if zero is not None:
-            zero_element = np.repeat(zero, opts.block_size, axis=0)[:k].T.astype(np.float32)
-        qmin, qmax = (-7, 7) if opts.symmetric else (0, 15)
-        spans = gptq.column_blocks(k)
-        blocks = hessian.blocks(0)
-        pieces = [
-            gptq._gptq(stored.T[:, a:b], h, per_element[:, a:b], qmin, qmax,
-                       None if zero_element is None else zero_element[:, a:b])
-            for (a, b), h in zip(spans, blocks)
-        ]  # fmt: skip
-        levels = np.concatenate(pieces, axis=1).T
-        return levels.astype(q.dtype), scale, zero
+        """Levels (weight layout), scale and zero point (DequantizeLinear layout)."""
+        layout, grid, opts = target.layout, target.grid, self.options
+        importance = _importance(target.node, w, hessian) if hessian is not None else None
+        rows = layout.rows(w)
+        block = layout.block_rows(rows.shape[0])
+        imp_rows = None if importance is None else layout.rows(importance)
+        scale, zero = choose_scales(rows, block, grid, imp_rows, search=opts.weight_clip == "mse")
+        s_full = layout.per_element(scale, w.shape)
+        z_full = None if zero is None else layout.per_element(zero, w.shape)
+        if hessian is not None and opts.rounding == "gptq":
+            q = _gptq_levels(target.node, w, hessian, s_full, z_full, grid)
+        else:
+            q = round_nearest(w, s_full, z_full, grid)
+        scale = layout.params_from_rows(scale, w.shape)
+        zero = None if zero is None else layout.params_from_rows(zero, w.shape)
+        return q, scale, zero
 
     def _fresh(self, base: str) -> str:
         name, k = base, 0
@@ -237,22 +321,65 @@ class QuantizeInt4Pass(Pass):
         self, target: Target, weight: gs.Constant, q: np.ndarray, scale: np.ndarray,
         zero: np.ndarray | None,
     ) -> int:  # fmt: skip
-        symmetric = self.options.symmetric
-        dtype = TensorProto.INT4 if symmetric else TensorProto.UINT4
-        values = _packed_constant(self._fresh(f"{weight.name}_int4"), dtype, q)
+        bits = target.grid.bits
+        tag = f"int{bits}"
+        values = self._integers(f"{weight.name}_{tag}", target.grid, q)
         scale_t = gs.Constant(self._fresh(f"{weight.name}_scale"), scale.astype(np.float32))
         inputs = [values, scale_t]
-        size = len(values._values.tensor.raw_data) + scale.astype(np.float32).nbytes
+        size = _nbytes(values) + scale.astype(np.float32).nbytes
         if zero is not None:
-            inputs.append(_packed_constant(self._fresh(f"{weight.name}_zero_point"), dtype, zero))
-            size += len(inputs[-1]._values.tensor.raw_data)
+            inputs.append(self._integers(f"{weight.name}_zero_point", target.grid, zero))
+            size += _nbytes(inputs[-1])
         out = gs.Variable(self._fresh(f"{weight.name}_dequantized"), np.float32, list(q.shape))
-        attrs = {"axis": target.axis, "block_size": self.options.block_size}
+        attrs = {"axis": target.layout.axis}
+        if target.layout.block is not None:
+            attrs["block_size"] = target.layout.block
         dq = gs.Node("DequantizeLinear", self._fresh(f"{weight.name}_DequantizeLinear"), attrs,
                      inputs=inputs, outputs=[out])  # fmt: skip
         target.node.inputs[target.index] = out
         self._graph.nodes.append(dq)
         return size
+
+    def _emit_cast(
+        self, target: Target, weight: gs.Constant, q: np.ndarray, scale: np.ndarray,
+        zero: np.ndarray | None,
+    ) -> int:  # fmt: skip
+        """``Reshape((Cast(q) - Cast(zero)) * scale)``: constants only, so onnxruntime folds
+        it into a float32 weight when the session loads (fp32 speed, small file)."""
+        layout, name = target.layout, weight.name
+        q, scale, zero, merged = _broadcast_form(q, scale, zero, layout)
+        values = self._integers(f"{name}_q", target.grid, q)
+        size = _nbytes(values) + scale.astype(np.float32).nbytes
+        x = self._node("Cast", [values], f"{name}_f", to=TensorProto.FLOAT)
+        if zero is not None:
+            zero_t = self._integers(f"{name}_zp", target.grid, zero)
+            size += _nbytes(zero_t)
+            zero_f = self._node("Cast", [zero_t], f"{name}_zpf", to=TensorProto.FLOAT)
+            x = self._node("Sub", [x, zero_f], f"{name}_c")
+        scale_t = gs.Constant(self._fresh(f"{name}_s"), scale.astype(np.float32))
+        x = self._node("Mul", [x, scale_t], f"{name}_w")
+        if merged is not None:
+            target_shape = gs.Constant(self._fresh(f"{name}_shape"), np.array(merged))
+            x = self._node("Reshape", [x, target_shape], f"{name}_r")
+        target.node.inputs[target.index] = x
+        return size
+
+    def _node(self, op: str, inputs: list, out: str, **attrs) -> gs.Variable:
+        """One unnamed node, its output undeclared: names and value_info cost file bytes
+        (on PP-OCR cls, 10 % of the quantized file)."""
+        tensor = gs.Variable(self._fresh(out))
+        node = gs.Node(op, "", attrs, inputs=inputs, outputs=[tensor])
+        self._graph.nodes.append(node)
+        return tensor
+
+    def _integers(self, base: str, grid: Grid, values: np.ndarray) -> gs.Constant:
+        name = self._fresh(base)
+        if grid.bits == 8:
+            return gs.Constant(name, values.astype(grid.carrier))
+        dtype = TensorProto.INT4 if grid.symmetric else TensorProto.UINT4
+        packed = numerics.pack_int4(values)
+        proto = helper.make_tensor(name, dtype, list(values.shape), packed, True)
+        return gs.Constant(name, LazyValues(proto))
 
     def _emit_matmulnbits(
         self, graph: gs.Graph, target: Target, q: np.ndarray, scale: np.ndarray,
@@ -299,6 +426,112 @@ class QuantizeInt4Pass(Pass):
         return size
 
 
+def _importance(node: gs.Node, w: np.ndarray, hessian: gptq.Hessian) -> np.ndarray | None:
+    """Mean square of the input multiplying each weight element (``diag H``), weight layout."""
+    diags = []
+    for g in range(hessian.groups):
+        blocks = hessian.blocks(g)
+        if blocks is None:
+            return None
+        diags.append(np.concatenate([np.diag(b) for b in blocks]) / max(hessian.rows, 1))
+    if node.op == "Conv":
+        per_group = w.shape[0] // hessian.groups
+        kernel = [d.reshape(w.shape[1:]) for d in diags]
+        return np.repeat(np.stack(kernel), per_group, axis=0).astype(np.float32)
+    d = diags[0].astype(np.float32)
+    if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
+        return np.broadcast_to(d[None, :], w.shape)
+    return np.broadcast_to(d[:, None], w.shape)
+
+
+def _gptq_levels(
+    node: gs.Node, w: np.ndarray, hessian: gptq.Hessian, scale: np.ndarray,
+    zero: np.ndarray | None, grid: Grid,
+) -> np.ndarray:  # fmt: skip
+    """GPTQ levels under per-element ``scale`` / ``zero`` (all in the weight's layout)."""
+    groups = hessian.groups
+    w_m = gptq.weight_matrices(node, w, groups)
+    s_m = gptq.weight_matrices(node, scale, groups)
+    z_m = gptq.weight_matrices(node, zero, groups) if zero is not None else [None] * groups
+    result = []
+    for g in range(groups):
+        spans = gptq.column_blocks(w_m[g].shape[1])
+        pieces = [
+            gptq._gptq(w_m[g][:, a:b], h, s_m[g][:, a:b], grid.qmin, grid.qmax,
+                       None if z_m[g] is None else z_m[g][:, a:b])
+            for (a, b), h in zip(spans, hessian.blocks(g))
+        ]  # fmt: skip
+        result.append(np.concatenate(pieces, axis=1))
+    return gptq.from_matrices(node, result, w.shape).astype(grid.carrier)
+
+
+def _broadcast_form(
+    q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, layout: Layout
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[int] | None]:
+    """Levels, scale and zero point shaped to broadcast elementwise, and the shape to
+    reshape their product to (None: already the weight's). A blocked axis of ``C``
+    elements splits into ``[C / block, block]`` (conv blocks tile ``C`` exactly)."""
+    axis = layout.axis
+    if layout.block is None:  # 1-D per-channel parameters
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        return q, scale.reshape(shape), None if zero is None else zero.reshape(shape), None
+    blocks = q.shape[axis] // layout.block
+    if blocks == 1:  # the scale already broadcasts along the axis
+        return q, scale, zero, None
+    split = [*q.shape[:axis], blocks, layout.block, *q.shape[axis + 1 :]]
+    scale = np.expand_dims(scale, axis + 1)
+    zero = None if zero is None else np.expand_dims(zero, axis + 1)
+    return q.reshape(split), scale, zero, list(q.shape)
+
+
+def conv_block(channels: int, block: int) -> int:
+    """Block of a convolution's input channels: ``block``, or when it does not divide
+    ``channels`` the largest divisor of ``channels`` from ``block / 2`` to ``block``
+    (whole blocks: no padded levels in the file); else ``block`` (last block partial)."""
+    if channels <= block:
+        return channels
+    for size in range(block, block // 2 - 1, -1):
+        if channels % size == 0:
+            return size
+    return block
+
+
+def _cast_form_fits(target: Target, shape: tuple[int, ...]) -> bool:
+    """Cast form for weights onnxruntime cannot fuse with a DequantizeLinear (it fuses
+    DQ -> MatMul and MatMul-like Gemm into MatMulNBits) whose blocks tile the axis."""
+    node, layout = target.node, target.layout
+    if node.op == "MatMul" or (node.op == "Gemm" and _gemm_is_matmul(node)):
+        return False
+    return layout.block is None or shape[layout.axis] % layout.block == 0
+
+
+def _nothing_to_do(graph: gs.Graph) -> str:
+    present = sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
+    if any(_casts_integer_constant(n) for n in graph.nodes):
+        present.append("Cast of integer weights")
+    if present:
+        return f"no float32 constant weight to quantize; already quantized ({', '.join(present)})"
+    return "no float32 constant weight on MatMul/Gemm/Gather/Conv/ConvTranspose"
+
+
+def _casts_integer_constant(node: gs.Node) -> bool:
+    """A Cast of a constant integer tensor to float: this pass's (or any) weight decoding."""
+    if node.op != "Cast" or not node.inputs or not isinstance(node.inputs[0], gs.Constant):
+        return False
+    values = node.inputs[0]._values
+    if isinstance(values, LazyValues):
+        return values.tensor.data_type in LOW_BIT_TYPES
+    return np.dtype(values.dtype) in (np.int8, np.uint8)
+
+
+def _nbytes(constant: gs.Constant) -> int:
+    values = constant._values
+    if isinstance(values, LazyValues):
+        return len(values.tensor.raw_data)
+    return int(values.nbytes)
+
+
 def _gemm_is_matmul(node: gs.Node) -> bool:
     attrs = node.attrs
     if int(attrs.get("transA", 0)) or int(attrs.get("transB", 0)):
@@ -313,11 +546,6 @@ def _gemm_is_matmul(node: gs.Node) -> bool:
         if bias.values.shape != (n,):
             return False
     return True
-
-
-def _packed_constant(name: str, dtype: int, values: np.ndarray) -> gs.Constant:
-    proto = helper.make_tensor(name, dtype, list(values.shape), numerics.pack_int4(values), True)
-    return gs.Constant(name, LazyValues(proto))
 
 
 def _import_domain(graph: gs.Graph, domain: str, version: int) -> None:
