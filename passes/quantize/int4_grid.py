@@ -21,7 +21,7 @@ Scale search (``choose_scales(search=True)``): for each group, the scale (and ze
 point) that minimises the group's squared rounding error, optionally weighted per
 element by ``importance`` — the mean square of the input that multiplies the weight
 (the diagonal of GPTQ's ``H``), so the error that reaches the layer output counts,
-not the weight error. Candidates: the range shrunk by each ratio of ``RATIOS``
+not the weight error. Candidates: the range shrunk by each ratio of ``RATIOS`` (1.0 to 0.64)
 (clipping the extremes); asymmetric grids also try the zero point one level either
 side. ``search=False`` is plain round-to-nearest over the full range (the "RTN"
 baseline every 4-bit tool starts from).
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MIN_SCALE = 1e-12
-RATIOS = tuple(np.round(np.linspace(1.0, 0.55, 16), 3))  # range kept, first = no clipping
+RATIOS = tuple(np.round(np.linspace(1.0, 0.64, 10), 3))  # range kept, first = no clipping
 CHUNK_ELEMENTS = 1 << 21  # columns are searched in chunks of about this many elements
 
 
