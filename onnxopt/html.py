@@ -313,7 +313,10 @@ def _ticks(bounds: tuple[float, float], log: bool, target: int = 6) -> list[floa
                     out.append(value)
         if len(out) > target + 2:
             out = [v for v in out if f"{v:e}".startswith("1")]
-        return out or [10**lo]
+        if len(out) < 2:  # less than a decade: round linear ticks, placed on the log scale
+            linear = _ticks((10**lo, 10**hi), log=False, target=4)
+            out = [v for v in linear if v > 0]
+        return out
     raw = (hi - lo) / target
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)

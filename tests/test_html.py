@@ -105,6 +105,8 @@ def test_ticks_are_round_and_inside_the_range():
     assert html._ticks((0.05, 0.95), log=False) == [0.2, 0.4, 0.6, 0.8]
     assert html._ticks((math.log10(900), math.log10(6000)), log=True) == [1000, 2000, 5000]
     assert html._range([5.0, 5.0], log=False) == (4.5, 5.5)
+    narrow = html._ticks((math.log10(51000), math.log10(68000)), log=True)
+    assert narrow == [55000, 60000, 65000]  # under a decade: round linear values
 
 
 def test_bad_style_or_line_is_refused_with_the_choices():
