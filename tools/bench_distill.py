@@ -42,7 +42,12 @@ from onnxopt.train import distill  # noqa: E402
 
 NEURON_ROWS = (  # (model, label, pipeline, distill settings), settings defined below
     ("digits_cnn", "CNN", "remove-neurons(mode=l1,ratio=0.5)", "PRUNED_CNN"),
-    ("digits_transformer", "transformer", "remove-neurons(mode=l1,ratio=0.5)", "PRUNED_FFN"),
+    (
+        "digits_transformer",
+        "transformer",
+        "remove-neurons(mode=l1,ratio=0.5,attention=dims)",
+        "PRUNED_FFN",
+    ),
 )
 TRAIN = MODELS / "digits_train.npz"
 TEST = MODELS / "digits_test.npz"
