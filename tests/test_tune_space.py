@@ -43,8 +43,8 @@ def test_default_space_comes_from_the_model():
     assert space.head == ["fold-batchnorm"] and space.tail == ["cleanup", "compact"]
     assert [s.name for s in space.slots] == ["structure", "sparsity", "weights"]
     weights = [a.label for a in space.slots[-1].alternatives]
-    assert weights == ["none", "quantize-int8", "share-weights"]  # int4: Conv model
-    assert any("quantize-int4: left out" in n for n in space.notes)
+    assert weights == ["none", "quantize-int8", "share-weights", "quantize-int4"]
+    assert "quantize-int4: Conv, Gemm weights" in space.notes
     space.validate()
     mlp = default_space(onnx.load(model_path("digits_mlp")), distill=True)
     assert mlp.head == []  # no BatchNormalization
@@ -71,6 +71,7 @@ def test_anchors_try_each_family_alone_and_distill_after_structure():
         "fold-batchnorm,prune-initializers(sparsity=0.5),cleanup,compact",
         "fold-batchnorm,quantize-int8(latency=false),cleanup,compact",
         "fold-batchnorm,share-weights,cleanup,compact",
+        "fold-batchnorm,quantize-int4,cleanup,compact",
     ]
 
 

@@ -513,8 +513,8 @@ def default_space(model: onnx.ModelProto, *, distill: bool | None = None) -> Sea
       (``onnxopt train-env``);
     - ``sparsity``: prune-initializers (sparsity 0.3-0.9, dense or sparse storage);
     - ``weights``: quantize-int8 (calibration method, weights-only on/off),
-      share-weights (2-8 bits, per tensor or channel), and quantize-int4 (block size)
-      when MatMul/Gemm/Gather hold at least a quarter of the weights.
+      share-weights (2-8 bits, per tensor or channel), quantize-int4 (block size;
+      MatMul/Gemm/Gather/Conv/ConvTranspose weights).
     """
     facts = model_facts(model)
     notes: list[str] = []
@@ -559,12 +559,8 @@ def default_space(model: onnx.ModelProto, *, distill: bool | None = None) -> Sea
         )
     granularity = Choice(("tensor", "channel"))
     weights.append(_alt("share-weights", bits=Range(2, 8, 1, anchor=4), granularity=granularity))
-    int4 = sum(by_op.get(op, 0) for op in ("MatMul", "Gemm", "Gather"))
-    if int4 >= facts["weights"] / 4:
-        weights.append(_alt("quantize-int4", block_size=Choice((32, 64, 128))))
-        notes.append(f"quantize-int4: MatMul/Gemm/Gather hold {int4 / facts['weights']:.0%}")
-    else:
-        notes.append("quantize-int4: left out (MatMul/Gemm/Gather hold < 25% of the weights)")
+    weights.append(_alt("quantize-int4", block_size=Choice((32, 16, 64, 128))))
+    notes.append(f"quantize-int4: {', '.join(sorted(by_op))} weights")
     slots.append(Slot("weights", tuple(weights)))
     space = SearchSpace(slots, head=head, tail=["cleanup", "compact"], notes=notes)
     return space
