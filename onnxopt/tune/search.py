@@ -13,6 +13,10 @@ budget of trials still covers every family; Optuna's sampler (multi-objective TP
 default, NSGA-II on request, both seeded) chooses the rest. Trials over budget are
 told as infeasible (a constraint), trials that crashed as failed.
 
+A pipeline already tried (or already asked in the round) is not a new trial: the
+sampler is asked again (the repeat is told as failed), then, after 10 repeats, a seeded
+random proposal is drawn instead.
+
 A resumed search replays: the sampler is seeded, so it asks for the same pipelines
 again, and the cache answers them at once until the first trial that never ran.
 """
@@ -83,8 +87,11 @@ def run_search(
     start = time.perf_counter()
     while len(run.records) < run.trials:
         count = min(run.space.round_size, run.trials - len(run.records))
-        asked = [study.ask() for _ in range(count)]
-        jobs = [_job(run, trial) for trial in asked]
+        asked, jobs = [], []
+        for _ in range(count):
+            trial, job = _ask_new(study, run, len(run.records) + len(jobs), jobs)
+            asked.append(trial)
+            jobs.append(job)
         results = _run_round(run, engine, jobs, on_progress, start)
         for trial, job in zip(asked, jobs):
             record = dict(results[job.key], trial=job.number, pipeline=job.pipeline)
@@ -94,12 +101,39 @@ def run_search(
     return run.records
 
 
-def _job(run: SearchRun, trial) -> Job:
+def _ask_new(study, run: SearchRun, number: int, pending: list[Job]):
+    """Ask until the sampler proposes a pipeline not tried yet (a sampler over few
+    categorical choices repeats itself); a repeat is told as failed, so the sampler's
+    model does not change, and costs no trial. After ``_REASKS`` repeats the proposal is
+    drawn at random (seeded by the trial number); after ``2 * _REASKS`` (a space nearly
+    exhausted) the repeat is accepted and answered by the cache."""
+    import optuna
+
+    seen = {r["pipeline"] for r in run.records} | {j.pipeline for j in pending}
+    sampler = study.sampler
+    try:
+        for attempt in range(2 * _REASKS):
+            if attempt == _REASKS:
+                study.sampler = optuna.samplers.RandomSampler(seed=run.seed * 100_003 + number)
+            trial = study.ask()
+            job = _job(run, trial, number)
+            if job.pipeline not in seen or attempt == 2 * _REASKS - 1:
+                return trial, job
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    finally:
+        study.sampler = sampler
+    raise AssertionError("unreachable")
+
+
+_REASKS = 10
+
+
+def _job(run: SearchRun, trial, number: int) -> Job:
     from onnxopt import Pipeline
 
     pipeline = str(Pipeline.parse(run.space.suggest(trial)))  # canonical text
     key = trial_key(run.model_sha, run.data_sha, pipeline, run.settings)
-    return Job(trial.number, pipeline, key)
+    return Job(number, pipeline, key)
 
 
 def _run_round(run, engine, jobs, on_progress, start) -> dict[str, dict[str, Any]]:
