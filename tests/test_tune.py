@@ -64,9 +64,11 @@ def test_every_point_is_a_checked_model_within_budget(searched):
         candidate = run_samples(make_session(onnx.load(path)), validation)
         metrics = compare_outputs(reference, candidate)
         assert Budget.parse(BUDGET).violations(metrics) == []
-        assert metrics["logits"].sqnr == pytest.approx(point["metrics"]["sqnr"], rel=1e-6)
+        # no metrics: no step changed the numbers (e.g. only cleanup ran): exact outputs
+        expected = float(point["metrics"].get("sqnr", "inf"))
+        assert metrics["logits"].sqnr == pytest.approx(expected, rel=1e-6)
     sizes = [p["size_bytes"] for p in pareto["points"]]
-    fids = [p["fidelity"] for p in pareto["points"]]
+    fids = [float(p["fidelity"]) for p in pareto["points"]]
     assert sizes == sorted(sizes) and fids == sorted(fids)  # a front: bigger = better
     assert min(sizes) < 0.5 * pareto["original"]["size_bytes"]
 

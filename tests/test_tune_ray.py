@@ -14,7 +14,9 @@ ray = pytest.importorskip("ray", reason="Ray is the optional extra onnxopt[ray]"
 
 
 def _points(pareto):
-    return [(p["pipeline"], p["size_bytes"], round(p["fidelity"], 4)) for p in pareto["points"]]
+    return [
+        (p["pipeline"], p["size_bytes"], round(float(p["fidelity"]), 4)) for p in pareto["points"]
+    ]
 
 
 def test_ray_engine_matches_the_local_pool(tmp_path):
