@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 from onnxopt.api import Result, optimize
 from onnxopt.check import Budget, assert_equivalent
+from onnxopt.checkout import map_checkout_passes
 from onnxopt.errors import (
     CheckFailed,
     DataError,
@@ -17,6 +18,8 @@ from onnxopt.errors import (
 )
 from onnxopt.model import load_model, save_model
 from onnxopt.pipeline import Pass, PassContext, PassResult, Pipeline, register_pass
+
+map_checkout_passes()  # onnxopt.passes = ../passes in a source checkout (see checkout.py)
 
 __all__ = [
     "Budget",

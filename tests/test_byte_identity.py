@@ -1,0 +1,247 @@
+"""Byte identity: every registered pass, on every sample model, writes pinned bytes.
+
+A refactoring must not change what a pass writes. This test runs each pass (with its
+defaults, and with the options the sample models need) through ``onnxopt.optimize``
+on the committed sample models, with fixed data and seed, and compares the SHA-256
+of the saved model with the digest pinned in ``PINS`` — one line per (pipeline,
+model), so that a change of behaviour made on purpose updates only its own lines.
+
+To see the current digests (after an intended change): ``python
+tests/test_byte_identity.py`` prints the whole ``PINS`` table; copy the lines of the
+pass you changed, and say so in the commit. The digests hold for the versions of onnx,
+onnxruntime and numpy the project installs; a new version of one of them may change
+the numbers a pass computes, and then this test says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+DATA = MODELS / "digits_test.npz"
+SAMPLE_MODELS = ("digits_mlp", "digits_cnn", "digits_transformer", "digits_mlp_op11_constants")
+
+# Each registered pass with its defaults, plus the options a sample model needs (a
+# required option, or a second code path worth pinning). quantize-int8 skips only its
+# latency measurement, which is reported and never changes the model.
+PIPELINES = (
+    "cleanup",
+    "clip-weights",
+    "compact",
+    "dedupe-initializers",
+    "fold-batchnorm",
+    "fold-constants",
+    "prune-initializers",
+    "prune-initializers(sparsity=0.8,store=sparse)",
+    "quantize-int4",
+    "quantize-int4(format=matmulnbits)",
+    "quantize-int8(latency=false)",
+    "quantize-int8(latency=false,weights_only=true)",
+    "remove-dead-neurons",
+    "remove-neurons(ratio=0.25)",
+    "share-weights",
+    "share-weights(granularity=channel,scope=weights)",
+    "upgrade-opset",
+    "upgrade-opset(target=21)",
+)
+# distill trains in the adjunct venv (torch): pinned separately, see test_distill_bytes.
+DISTILL = (
+    "prune-initializers(sparsity=0.7,reconstruct=false),"
+    'distill(epochs=1,data="models/digits_train.npz",labels=label)'
+)
+
+PINS: dict[str, dict[str, str]] = {
+    "cleanup": {
+        "mlp": "422e6411b48c95995d61bc9b78d4e6ac9f2bc30a5d5158f99fae3d0d4a5c374f",
+        "cnn": "53ac9e6748135176a579a18e90d9c56fc906e7b25846b138848439fce5d223df",
+        "transformer": "e4da8391cabb70f1e45fc597e0d7f95ec8cde87eac37dd0dd33f7879e8678c12",
+        "op11": "14eba4b08b06ae95f5370842f1968d0918140049962f8df7a1221e9b134e9aa7",
+    },
+    "clip-weights": {
+        "mlp": "127adf74275fad4d173372133186f3cc18cbccbdfbb13c0a6bedeca59b4b8caa",
+        "cnn": "729f551e0038e7488785b5a7561d12767154435afbc89ac97757d20d281fb1e7",
+        "transformer": "f5f2c5c5cb4d3063fd80879d5e95684cc25467ec3ef2b749ce0d9a215e7b49e2",
+        "op11": "b0f883c1a5587e7818c8cc882f6d609870efde24f19cb3b404428b78dbec684d",
+    },
+    "compact": {
+        "mlp": "27e9a0b4279d8bc7c8038a14572f53f650115c9cc2876ff94385de7dd7251761",
+        "cnn": "edc869b268571c45107216676b1017a4eb3f97aba662b4a7c889b85717409963",
+        "transformer": "4d83e5d1cfeb1cd8eb949f7de5e26df03e7ee8ed8114b6daf2d79294d8b3f57c",
+        "op11": "e547f6fab68412131d8e3a5427c48a17e8c1109b828572de44fc14381a559366",
+    },
+    "dedupe-initializers": {
+        "mlp": "422e6411b48c95995d61bc9b78d4e6ac9f2bc30a5d5158f99fae3d0d4a5c374f",
+        "cnn": "53ac9e6748135176a579a18e90d9c56fc906e7b25846b138848439fce5d223df",
+        "transformer": "3d834ad9652edee505b5c51b0700a4d00c84f1836529e6771e10286ad6cf195f",
+        "op11": "14eba4b08b06ae95f5370842f1968d0918140049962f8df7a1221e9b134e9aa7",
+    },
+    "fold-batchnorm": {
+        "mlp": "422e6411b48c95995d61bc9b78d4e6ac9f2bc30a5d5158f99fae3d0d4a5c374f",
+        "cnn": "bab653e81028662851c62ffffb11192e4069d8201c537f4bfc6c3f4e78af3a95",
+        "transformer": "e4da8391cabb70f1e45fc597e0d7f95ec8cde87eac37dd0dd33f7879e8678c12",
+        "op11": "14eba4b08b06ae95f5370842f1968d0918140049962f8df7a1221e9b134e9aa7",
+    },
+    "fold-constants": {
+        "mlp": "422e6411b48c95995d61bc9b78d4e6ac9f2bc30a5d5158f99fae3d0d4a5c374f",
+        "cnn": "53ac9e6748135176a579a18e90d9c56fc906e7b25846b138848439fce5d223df",
+        "transformer": "e4da8391cabb70f1e45fc597e0d7f95ec8cde87eac37dd0dd33f7879e8678c12",
+        "op11": "14eba4b08b06ae95f5370842f1968d0918140049962f8df7a1221e9b134e9aa7",
+    },
+    "prune-initializers": {
+        "mlp": "228554ec3c4fcf17b904eee10d8da7457aa44544854324f7a9a9ae86fd4e9474",
+        "cnn": "bbef8cabe99d32a40c7cd2d4423177bfd01e0da515963fddb426ee62d91326fc",
+        "transformer": "c8406bda6c80bef1acbb540a379143757aa0233083e943ef927e01f899492864",
+        "op11": "dffb4b25754f6a64200df23a908b4c33e2ba0f36fe53308599b445572f9b6b8c",
+    },
+    "prune-initializers(sparsity=0.8,store=sparse)": {
+        "mlp": "b7e9a8c842913e554b65a5ad81b9f63f3079f5abe27eaf8ec3e40dcbe3db06b2",
+        "cnn": "7bb8baf9e106c2daffdd938db9bf3b6346ef12b8f2e39a034723d00f47914ddd",
+        "transformer": "c393a8e2747c5d65a3ec9a7ace147791f9dfb744ce26095a794851335c78511e",
+        "op11": "6d92739706e96da195d423558634a715da76ce91713be1f6af3aeeb120741dde",
+    },
+    "quantize-int4": {
+        "mlp": "56d3081dfccc33cae96a6efed13816b4beb83105028687920dea7eb9b7ede79a",
+        "cnn": "eca25105fd50f406b4797495d21b82328689866c2cdc448980daff9f9396d970",
+        "transformer": "5f07306c02b0bdd26c93911dc99aafa213e9cf86cedcadcabe769e0139bb3e42",
+        "op11": "2b7e1fa5ae338170aff0b5c798323cf989c54cecfc0b05809cc37fecf5e8e3a1",
+    },
+    "quantize-int4(format=matmulnbits)": {
+        "mlp": "56d3081dfccc33cae96a6efed13816b4beb83105028687920dea7eb9b7ede79a",
+        "cnn": "eca25105fd50f406b4797495d21b82328689866c2cdc448980daff9f9396d970",
+        "transformer": "a9d5c16d95152e06774ba28206f62b65e8a3db1633b961fe1146a9043e0be263",
+        "op11": "2b7e1fa5ae338170aff0b5c798323cf989c54cecfc0b05809cc37fecf5e8e3a1",
+    },
+    "quantize-int8(latency=false)": {
+        "mlp": "34f6e63093c12709ddce164de9aaf4ed7aa7f3c329837421b5276adcedc9ec90",
+        "cnn": "c964c4cb6cbe86de478fc322b439f378b6bb730f962ea35ee7a2572eb9e6efa5",
+        "transformer": "5921487c37021b4a9e7414160ffc29cb0dc631d3eca377d242ec8edb62c5b56b",
+        "op11": "9913572030e77b93fde8f59cd49c50a8a7d342f181c3776b1d8cc2443c705c04",
+    },
+    "quantize-int8(latency=false,weights_only=true)": {
+        "mlp": "0aaaea7b69f8fe1fb1c512939bb6a333ec2960e8e38d10a403b2306e45f6bb41",
+        "cnn": "e6fef6db536e9511a0cae74f870ef644402e54099a52556c6982149d345160f4",
+        "transformer": "987c7be14cf77237e281003991ff54718da8ab1ddba5067c158a17833e9402b1",
+        "op11": "a8be5592243e0f4b4fedecc8f844cb5fdeeaaa18612a85149ff1c64483f566bc",
+    },
+    "remove-dead-neurons": {
+        "mlp": "422e6411b48c95995d61bc9b78d4e6ac9f2bc30a5d5158f99fae3d0d4a5c374f",
+        "cnn": "53ac9e6748135176a579a18e90d9c56fc906e7b25846b138848439fce5d223df",
+        "transformer": "e4da8391cabb70f1e45fc597e0d7f95ec8cde87eac37dd0dd33f7879e8678c12",
+        "op11": "14eba4b08b06ae95f5370842f1968d0918140049962f8df7a1221e9b134e9aa7",
+    },
+    "remove-neurons(ratio=0.25)": {
+        "mlp": "a7823fbe8cb8cb9ce57b8a046f1731404394eca11f7bf719184ac8e447b8f32c",
+        "cnn": "334eaf0e392d5fa6e33af8bbea3ed806e54b8f9ecc8a146f4ef2b0e532c0694a",
+        "transformer": "338b0acc2e2098ff0ba759990538be2eb93e0b94b2d45538313cb69414c0420c",
+        "op11": "6735d7eb38e36663ce23108a94758451fe9991f69719f9897633c8e4040f5dda",
+    },
+    "share-weights": {
+        "mlp": "e5e4d8443ee492d8e41552e94915d1534141a1e091a4d3028ff2ae8e8a0b878d",
+        "cnn": "c37c4bce06ef216eb9e441d10a0f14869fa2272dc17d3474bd5682a8d4c89e15",
+        "transformer": "09c8d6ff5bf690528857da99b175448893978faab51e59db684a5fa2a6547037",
+        "op11": "e5e4d8443ee492d8e41552e94915d1534141a1e091a4d3028ff2ae8e8a0b878d",
+    },
+    "share-weights(granularity=channel,scope=weights)": {
+        "mlp": "f2532a4eaec70d4342e96c7fbce80277d7f1eb969dfe46b0d5ee7ca06483e365",
+        "cnn": "bc9cf5945a6f232ace288ef55dc2990975b0d087296bb21a9e9070f861f1a17a",
+        "transformer": "6dbd21e17f9c08af5155cf6091cf5e1b550dd2de6ac671c70c325c03c04152e4",
+        "op11": "f2532a4eaec70d4342e96c7fbce80277d7f1eb969dfe46b0d5ee7ca06483e365",
+    },
+    "upgrade-opset": {
+        "mlp": "422e6411b48c95995d61bc9b78d4e6ac9f2bc30a5d5158f99fae3d0d4a5c374f",
+        "cnn": "53ac9e6748135176a579a18e90d9c56fc906e7b25846b138848439fce5d223df",
+        "transformer": "e4da8391cabb70f1e45fc597e0d7f95ec8cde87eac37dd0dd33f7879e8678c12",
+        "op11": "66ed20f0ff06d53fd8722a467ca48cc030dd63fd7c2414e5ef00e98fdea969c5",
+    },
+    "upgrade-opset(target=21)": {
+        "mlp": "4919e3a03232654b7007a8c1810a675f9a612e2439aef065cfb4bf63787c5b89",
+        "cnn": "e93e879b021d669f3c08bbed037c69e6dcb6332656d7cb326b67b86ae60c2ab2",
+        "transformer": "6b63c078e5c1d8b2f047696a377ac3bcfa59602cc3d1b765b9f0f298af33b591",
+        "op11": "74526f853209c0117f929583d1bffecdc00f0b7569e138a370bbf0ff424c523b",
+    },
+    "distill": {  # the pipeline DISTILL
+        "mlp": "498cdd8e8887027c97cc03a5a08d286e4fee3109e4de30b51707449bfec8aabb",
+    },
+}
+
+
+def saved_digest(pipeline: str, model: str) -> str:
+    """SHA-256 of the bytes ``optimize`` saves for ``pipeline`` on a sample model."""
+    import onnxopt
+
+    here = os.getcwd()
+    os.chdir(ROOT)  # paths in pipeline text are relative to the repository
+    try:
+        result = onnxopt.optimize(
+            str(MODELS / f"{model}.onnx"),
+            pipeline,
+            data=str(DATA),
+            budget="none",
+            seed=0,
+            calibration_samples=16,
+            validation_samples=8,
+        )
+    finally:
+        os.chdir(here)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = result.save(Path(tmp) / "out.onnx")
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+    finally:
+        result.close()
+
+
+def _short(model: str) -> str:
+    return {"digits_mlp_op11_constants": "op11"}.get(model, model.removeprefix("digits_"))
+
+
+CASES = [(p, m) for p in PIPELINES for m in SAMPLE_MODELS]
+
+
+@pytest.mark.parametrize("pipeline,model", CASES, ids=[f"{p}@{_short(m)}" for p, m in CASES])
+def test_pass_writes_the_pinned_bytes(pipeline, model):
+    pinned = PINS.get(pipeline, {}).get(_short(model))
+    assert pinned is not None, f"no pin for {pipeline} on {model}: add its line"
+    assert saved_digest(pipeline, model) == pinned
+
+
+def test_every_registered_pass_is_pinned():
+    from onnxopt.pipeline import registry
+
+    pinned = {step.split("(")[0] for p in (*PIPELINES, DISTILL) for step in p.split("),")}
+    assert set(registry()) <= pinned, sorted(set(registry()) - pinned)
+
+
+def test_distill_writes_the_pinned_bytes():
+    from onnxopt.train import TrainEnvError, env
+
+    try:
+        env.find_python()
+    except TrainEnvError as exc:
+        if os.environ.get("ONNXOPT_REQUIRE_TRAIN_ENV") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    assert saved_digest(DISTILL, "digits_mlp") == PINS["distill"]["mlp"]
+
+
+def _print_pins() -> None:
+    print("PINS: dict[str, dict[str, str]] = {")
+    for pipeline in (*PIPELINES, DISTILL):
+        key = "distill" if pipeline == DISTILL else pipeline
+        models = ("digits_mlp",) if pipeline == DISTILL else SAMPLE_MODELS
+        print(f'    "{key}": {{')
+        for model in models:
+            print(f'        "{_short(model)}": "{saved_digest(pipeline, model)}",')
+        print("    },")
+    print("}")
+
+
+if __name__ == "__main__":
+    sys.exit(_print_pins())
