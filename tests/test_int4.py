@@ -278,3 +278,37 @@ def test_weighted_scale_search_lowers_the_weighted_error():
             restored = dequantize(round_nearest(w, s, z, grid), s, z)
             errors.append(float(np.sum(importance * (restored - w) ** 2)))
         assert errors[1] < 0.85 * errors[0]
+
+
+def test_weight_clip_auto_keeps_the_full_range_under_gptq(conv_data):
+    """auto = max where GPTQ rounds (every Conv here has calibration inputs), mse elsewhere."""
+
+    def quantize(options: str) -> bytes:
+        pipeline = f"quantize-int4(op_types=[Conv]{options})"
+        result = onnxopt.optimize(_conv_model(), pipeline, data=conv_data, budget="none")
+        return result.model.SerializeToString()
+
+    auto = quantize("")
+    assert auto == quantize(",weight_clip=max")
+    assert auto != quantize(",weight_clip=mse")
+    assert quantize(",rounding=nearest") == quantize(",rounding=nearest,weight_clip=mse")
+
+
+def test_gather_table_in_cast_form_matches_the_dq_form():
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((50, 96)).astype(np.float32)  # 3 blocks of 32 per row
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"], name="embed")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 96])],
+        [numpy_helper.from_array(table, "table")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    cast = onnxopt.optimize(model, "quantize-int4", budget="none").model
+    dq = onnxopt.optimize(model, "quantize-int4(unfused=dq)", budget="none").model
+    assert "DequantizeLinear" not in {n.op_type for n in cast.graph.node}
+    assert "DequantizeLinear" in {n.op_type for n in dq.graph.node}
+    feeds = [{"ids": np.array([[0, 7, 49, 3, 3]], np.int64)}]
+    (a,), (b,) = run(cast, feeds), run(dq, feeds)
+    np.testing.assert_array_equal(a["y"], b["y"])
+    assert np.abs(a["y"] - table[[0, 7, 49, 3, 3]][None]).max() < 0.5

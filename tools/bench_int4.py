@@ -123,7 +123,7 @@ def child_onnxopt(spec: dict) -> dict:
     return {
         "wall": wall,
         "status": step["status"],
-        "reason": step.get("reason") or "",
+        "reason": step.get("reason") or "; ".join(step.get("notes") or []),
         "metrics": step.get("metrics_vs_original") or {},
         "by_bits": (step.get("details") or {}).get("by_bits"),
     }
@@ -152,11 +152,22 @@ def peer_cell(python: str, source: str, algo: str, block: int, out: Path) -> dic
 
 
 def prepare(spec: dict, out: Path) -> str:
-    """The model with Constant-node weights lifted into initializers (lossless), so that
-    both tools see the same MatMul weights."""
-    import onnxopt
+    """The model with ``Constant``-node tensors moved into initializers (lossless), so that
+    both tools see the same MatMul weights (onnxruntime's tool reads initializers only)."""
+    import onnx
 
-    onnxopt.optimize(spec["model"], "cleanup", data=spec["calib"]).save(out)
+    model = onnx.load(spec["model"])
+    kept = []
+    for node in model.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value is not None and value.dims:
+            value.name = node.output[0]
+            model.graph.initializer.append(value)
+        else:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    onnx.save(model, str(out))
     return str(out)
 
 
@@ -214,6 +225,8 @@ def latencies(paths: dict[str, str], feed: dict, budget_s: float) -> dict[str, f
 
 def verdict(rec: dict) -> str:
     """Would the default lossy budget (cosine>=0.99, top1>=0.99) have accepted the step?"""
+    if rec.get("status") != "accepted":
+        return f"{rec.get('status')}: {rec.get('reason', '')[:90]}"
     metrics = rec.get("metrics") or {}
     worst_cos = min((m.get("cosine", 1.0) for m in metrics.values()), default=1.0)
     top1 = [m.get("top1") for m in metrics.values() if m.get("top1") is not None]
