@@ -197,9 +197,10 @@ def from_matrices(node: gs.Node, matrices: list[np.ndarray], shape: tuple[int, .
 
 
 def gptq_quantize(
-    node: gs.Node, weight: np.ndarray, hessian: Hessian, scale: np.ndarray
+    node: gs.Node, weight: np.ndarray, hessian: Hessian, scale: np.ndarray, levels: int = 127
 ) -> np.ndarray:
-    """int8 weight (same layout as ``weight``) rounded with GPTQ for the given scales."""
+    """int8 weight (same layout as ``weight``) rounded with GPTQ for the given scales,
+    within ``[-levels, levels]``."""
     matrices = weight_matrices(node, weight, hessian.groups)
     per_group = len(scale) // hessian.groups
     result = []
@@ -207,7 +208,9 @@ def gptq_quantize(
         s = scale[g * per_group : (g + 1) * per_group]
         blocks = hessian.blocks(g)
         spans = column_blocks(matrix.shape[1])
-        pieces = [_gptq(matrix[:, a:b], h, s) for (a, b), h in zip(spans, blocks)]
+        pieces = [
+            _gptq(matrix[:, a:b], h, s, -levels, levels) for (a, b), h in zip(spans, blocks)
+        ]
         result.append(np.concatenate(pieces, axis=1))
     return from_matrices(node, result, weight.shape).astype(np.int8)
 

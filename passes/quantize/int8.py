@@ -9,7 +9,11 @@ MaxPool...). The placement rules are the table in ``qdq.py``.
 - Calibration (``calibrate.py``): ``method=mse`` (default) | ``minmax`` |
   ``percentile`` | ``entropy``, streamed one calibration sample at a time.
 - Weights: symmetric int8 per output channel (Conv axis 0, Gemm the N axis of B,
-  MatMul axis 1); ``weight_clip=mse`` searches a per-channel clipping ratio.
+  MatMul axis 1) in ``[-63, 63]`` (``weight_bits=7``, default) or ``[-127, 127]``
+  (``weight_bits=8``). onnxruntime's u8 x s8 kernels on x86 CPUs without VNNI (AVX2,
+  AVX-512F) sum pairs of products in a saturating int16; only ``|w| <= 64`` keeps
+  ``255 * (|w1| + |w2|)`` below 32767 (on such a CPU the digits MLP loses 14 dB to
+  saturation with 8-bit weights). ``weight_clip=mse`` searches a per-channel clip.
   Biases: int32, ``scale = input scale x weight scale``.
 - Activations: ``activations=uint8`` (default) asymmetric per tensor;
   ``activations=int8`` symmetric (Relu/Clip are then kept, with a shared scale).
@@ -68,7 +72,7 @@ class Calibration:
         self.stats: dict[str, calibrate.TensorStats] = {}
         self.hessians: dict[str, gptq.Hessian] = {}
         self.runs = 0
-        self._rounded: dict[tuple[str, bytes], np.ndarray] = {}
+        self._rounded: dict[tuple[str, bytes, int], np.ndarray] = {}
 
     def prepare(self, placement: qdq.Plan) -> None:
         """One streaming pass: statistics of the plan's tensors and the core nodes' H."""
@@ -100,14 +104,14 @@ class Calibration:
         }
 
     def round_weight(
-        self, node: gs.Node, weight: np.ndarray, axis: int, scale: np.ndarray
+        self, node: gs.Node, weight: np.ndarray, axis: int, scale: np.ndarray, levels: int
     ) -> np.ndarray:
         hessian = self.hessians.get(node.name)
         if hessian is None or hessian.rows == 0:
-            return qdq.nearest_rounding(node, weight, axis, scale)
-        key = (node.name, scale.tobytes())
+            return qdq.nearest_rounding(node, weight, axis, scale, levels)
+        key = (node.name, scale.tobytes(), levels)
         if key not in self._rounded:
-            self._rounded[key] = gptq.gptq_quantize(node, weight, hessian, scale)
+            self._rounded[key] = gptq.gptq_quantize(node, weight, hessian, scale, levels)
         return self._rounded[key]
 
 
@@ -143,8 +147,9 @@ class Job:
             self.calibration.prepare(placement)
         ranges = self.calibration.ranges(qdq.activation_tensors(placement))
         rewriter = qdq.Rewriter(
-            candidate, ranges, opts.activations, opts.weight_clip, self.calibration.round_weight
-        )
+            candidate, ranges, opts.activations, opts.weight_clip, self.calibration.round_weight,
+            numerics.WEIGHT_LEVELS[opts.weight_bits],
+        )  # fmt: skip
         return Built(candidate, placement, rewriter.apply(placement))
 
     def record(self, key: str, outcome) -> None:
@@ -201,6 +206,12 @@ class QuantizeInt8Pass(Pass):
         weights_only: bool = option(False, "int8 weights only (no activation quantization)")
         matmul_activations: bool = option(False, "also quantize activation x activation MatMul")
         weight_clip: Literal["max", "mse"] = option("max", "per-channel weight range")
+        weight_bits: int = option(
+            7,
+            "weight grid: 7 = [-63, 63], exact in onnxruntime's u8s8 kernels on every x86 CPU "
+            "(without VNNI their int16 pair sums saturate); 8 = [-127, 127]",
+            range=(7, 8),
+        )
         rounding: Literal["gptq", "nearest"] = option(
             "gptq", "weight rounding: GPTQ error feedback on calibration data, or nearest"
         )

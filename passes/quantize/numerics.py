@@ -7,8 +7,11 @@ Conventions (the ONNX QuantizeLinear / DequantizeLinear ones):
 - Activations, ``uint8`` (default): asymmetric over the calibrated ``[lo, hi]``,
   widened to contain 0 so that zero (padding, Relu) is exact; ``zero_point`` in
   ``[0, 255]``. ``int8``: symmetric, ``zero_point = 0``, ``scale = max|x| / 127``.
-- Weights: symmetric int8 per output channel, restricted to ``[-127, 127]`` so the
-  grid is symmetric; ``zero_point = 0``.
+- Weights: symmetric int8 per output channel in ``[-levels, levels]``, ``zero_point
+  = 0``. ``levels`` is 127 (a symmetric 8-bit grid) or 63 (``WEIGHT_LEVELS[7]``): on x86
+  CPUs without VNNI, onnxruntime's u8 x s8 kernels add adjacent products into a
+  saturating int16, and ``255 * (|w1| + |w2|)`` stays below 32767 only when
+  ``|w| <= 64``.
 - Biases: int32, ``scale = input_scale * weight_scale[c]``, ``zero_point = 0``; a
   channel whose bias would overflow int32 gets a larger weight scale instead.
 - 4-bit weights: blocks of ``block_size`` consecutive elements along the reduction
@@ -25,6 +28,7 @@ import numpy as np
 ActivationType = Literal["uint8", "int8"]
 INT32_LIMIT = 2**31 - 1
 MIN_SCALE = 1e-12  # a constant-zero tensor still needs a positive scale
+WEIGHT_LEVELS = {7: 63, 8: 127}  # weight_bits -> largest |q|
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,9 @@ def fake_quantize(x: np.ndarray, params: QuantParams) -> np.ndarray:
 
 
 def weight_params(
-    weight: np.ndarray, axis: int, clip_ratio: np.ndarray | None = None
+    weight: np.ndarray, axis: int, clip_ratio: np.ndarray | None = None, levels: int = 127
 ) -> QuantParams:
-    """Symmetric int8 per-channel parameters along ``axis`` (``scale = max|w| / 127``).
+    """Symmetric int8 per-channel parameters along ``axis`` (``scale = max|w| / levels``).
 
     ``clip_ratio`` (one value in (0, 1] per channel) shrinks the range below max|w|.
     """
@@ -74,7 +78,7 @@ def weight_params(
     bound = np.max(w, axis=reduce_axes) if reduce_axes else w
     if clip_ratio is not None:
         bound = bound * clip_ratio
-    scale = np.maximum(bound / 127.0, MIN_SCALE).astype(np.float32)
+    scale = np.maximum(bound / float(levels), MIN_SCALE).astype(np.float32)
     return QuantParams(scale, np.zeros(scale.shape, np.int8), axis)
 
 
@@ -87,16 +91,19 @@ def quantize_weight(
 
 
 def _quantize_with_scale(
-    w: np.ndarray, axis: int, scale: np.ndarray
+    w: np.ndarray, axis: int, scale: np.ndarray, levels: int = 127
 ) -> tuple[np.ndarray, QuantParams]:
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.rint(w / scale.astype(np.float64).reshape(shape)), -127, 127).astype(np.int8)
+    q = np.rint(w / scale.astype(np.float64).reshape(shape))
+    q = np.clip(q, -levels, levels).astype(np.int8)
     params = QuantParams(scale, np.zeros(scale.shape, np.int8), axis)
     return q, params
 
 
-def mse_weight_clip(weight: np.ndarray, axis: int, grid: int = 20) -> np.ndarray:
+def mse_weight_clip(
+    weight: np.ndarray, axis: int, grid: int = 20, levels: int = 127
+) -> np.ndarray:
     """Per-channel clip ratio in [0.5, 1] minimising the weight's quantization MSE."""
     w = np.moveaxis(weight.astype(np.float64), axis % weight.ndim, 0).reshape(
         weight.shape[axis], -1
@@ -105,8 +112,8 @@ def mse_weight_clip(weight: np.ndarray, axis: int, grid: int = 20) -> np.ndarray
     best_err = np.full(w.shape[0], np.inf)
     best = np.ones(w.shape[0])
     for ratio in np.linspace(1.0, 0.5, grid + 1):
-        scale = (bound * ratio / 127.0)[:, None]
-        err = np.sum((np.clip(np.rint(w / scale), -127, 127) * scale - w) ** 2, axis=1)
+        scale = (bound * ratio / levels)[:, None]
+        err = np.sum((np.clip(np.rint(w / scale), -levels, levels) * scale - w) ** 2, axis=1)
         better = err < best_err
         best_err[better], best[better] = err[better], ratio
     return best
@@ -142,10 +149,10 @@ def quantize_bias(
 
 
 def requantize_weight(
-    weight: np.ndarray, axis: int, scale: np.ndarray
+    weight: np.ndarray, axis: int, scale: np.ndarray, levels: int = 127
 ) -> tuple[np.ndarray, QuantParams]:
-    """Symmetric int8 along ``axis`` with a given per-channel ``scale``."""
-    return _quantize_with_scale(weight.astype(np.float64), axis % weight.ndim, scale)
+    """Symmetric int8 along ``axis`` with a given per-channel ``scale``, in ``±levels``."""
+    return _quantize_with_scale(weight.astype(np.float64), axis % weight.ndim, scale, levels)
 
 
 # ---------------------------------------------------------------------------- 4-bit

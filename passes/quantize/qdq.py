@@ -469,12 +469,15 @@ def _producible(
 # ---------------------------------------------------------------------------- rewrite
 
 
-Rounder = Callable[[gs.Node, np.ndarray, int, np.ndarray], np.ndarray]
+Rounder = Callable[[gs.Node, np.ndarray, int, np.ndarray, int], np.ndarray]
 
 
-def nearest_rounding(node: gs.Node, weight: np.ndarray, axis: int, scale: np.ndarray) -> np.ndarray:
-    """Round to the nearest int8 level (``Rounder`` signature: node, weight, axis, scale)."""
-    return numerics.requantize_weight(weight, axis, scale)[0]
+def nearest_rounding(
+    node: gs.Node, weight: np.ndarray, axis: int, scale: np.ndarray, levels: int = 127
+) -> np.ndarray:
+    """Round to the nearest level in ``±levels`` (``Rounder``: node, weight, axis, scale,
+    levels)."""
+    return numerics.requantize_weight(weight, axis, scale, levels)[0]
 
 
 @dataclass
@@ -497,8 +500,10 @@ class Rewriter:
         activations: ActivationType = "uint8",
         weight_clip: Literal["max", "mse"] = "max",
         rounder: Rounder | None = None,
+        weight_levels: int = 127,
     ) -> None:
         self.graph = graph
+        self.weight_levels = weight_levels
         self.ranges = ranges
         self.activations = activations
         self.weight_clip = weight_clip
@@ -620,8 +625,13 @@ class Rewriter:
             candidate = node.inputs[rule.bias]
             bias = candidate if isinstance(candidate, gs.Constant) else None
         values = weight.values
-        ratio = numerics.mse_weight_clip(values, axis) if self.weight_clip == "mse" else None
-        params = numerics.weight_params(values, axis, ratio)
+        levels = self.weight_levels
+        ratio = (
+            numerics.mse_weight_clip(values, axis, levels=levels)
+            if self.weight_clip == "mse"
+            else None
+        )
+        params = numerics.weight_params(values, axis, ratio, levels)
         if bias is not None:
             input_scale = float(self.params[node.inputs[0].name].scale)
             if node.op == "Gemm":
@@ -635,7 +645,7 @@ class Rewriter:
             params = numerics.QuantParams(weight_scale, params.zero_point, axis)
             node.inputs[rule.bias] = self.dequantized(bias.name, q_bias, bias_params)
             self.stats.biases += 1
-        q = self.rounder(node, values, axis, params.scale)
+        q = self.rounder(node, values, axis, params.scale, levels)
         self.stats.weight_bytes_before += values.nbytes
         self.stats.weight_bytes_after += q.nbytes + params.scale.nbytes + params.zero_point.nbytes
         node.inputs[rule.weight] = self.dequantized(weight.name, q, params)
