@@ -633,3 +633,81 @@ def test_sqnr_at_least_onnxruntime_quantize_static(name, tmp_path):
         return 10 * np.log10(np.sum(reference**2) / np.sum((got - reference) ** 2))
 
     assert sqnr(ours) >= sqnr(onnx.load(tmp_path / "tool.onnx")) + 3.0
+
+
+# ---------------------------------------------------------------------------- weight grid
+
+
+def _sqnr(reference: np.ndarray, got: np.ndarray) -> float:
+    noise = float(np.sum((reference.astype(np.float64) - got) ** 2))
+    return 10 * np.log10(float(np.sum(reference.astype(np.float64) ** 2)) / noise)
+
+
+@pytest.mark.parametrize("bits, limit", [(7, 63), (8, 127)])
+def test_weight_bits_bound_the_int8_weights(bits, limit):
+    result = quantize("digits_mlp", f"{FAST},weight_bits={bits}")
+    weights = [initializer(result.model, n.input[0]) for n in
+               dequantized_constants(result.model, np.int8)]  # fmt: skip
+    assert len(weights) == 3
+    assert max(int(np.abs(w).max()) for w in weights) == limit
+
+
+def test_default_weights_run_exactly_in_onnxruntimes_fused_kernels():
+    """With 7-bit weights onnxruntime's fused QGemm computes what the QDQ graph says on
+    any x86 CPU (no int16 saturation without VNNI): deployed == checked numerics."""
+    import onnxruntime as ort
+
+    result = quantize("digits_mlp")
+    images, _ = digits("test")
+    outputs = []
+    for level in (
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    ):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(result.model.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])  # fmt: skip
+        outputs.append(session.run(None, {"input": images})[0])
+    assert runtime_ops(result.model).get("QGemm") == 3
+    assert _sqnr(outputs[0], outputs[1]) > 45  # only requantization rounding differs
+
+
+def test_already_quantized_models_are_a_no_op_with_the_reason(tmp_path):
+    from onnxruntime.quantization import quantize_dynamic
+
+    dynamic = tmp_path / "dynamic.onnx"
+    quantize_dynamic(str(model_path("digits_mlp")), str(dynamic))
+    result = quantize(onnx.load(dynamic))
+    step = result.steps[-1]
+    assert step["status"] == "no-op"
+    assert any("already quantized (" in n and "MatMulInteger" in n for n in step["notes"])
+    once = quantize("digits_mlp").model
+    again = quantize(once).steps[-1]
+    assert again["status"] == "no-op" and "QuantizeLinear" in " ".join(again["notes"])
+
+
+def test_huge_range_masks_never_enter_a_calibrated_range():
+    """MatMul B reads x where m is set and -3.4e38 elsewhere (an attention-mask fill):
+    quantizing its input would stretch the scale over 1e38. It stays float with the
+    reason; MatMul A, on the plain input, is quantized."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["x", "WA"], ["a"], name="matmul_a"),
+        helper.make_node("Greater", ["x", "zero"], ["m"], name="mask"),
+        helper.make_node("Where", ["m", "x", "fill"], ["masked"], name="fill_mask"),
+        helper.make_node("MatMul", ["masked", "WB"], ["b"], name="matmul_b"),
+        helper.make_node("Concat", ["a", "b"], ["y"], name="concat", axis=1),
+    ]
+    inits = {"WA": rng.standard_normal((16, 2)).astype(np.float32),
+             "WB": rng.standard_normal((16, 2)).astype(np.float32),
+             "zero": np.array(-1.0, np.float32), "fill": np.array(-3.4e38, np.float32)}  # fmt: skip
+    model = _linear_model(nodes, inits, out_shape=(1, 4))
+    result = quantize(model, f"{FAST},fallback=none", data=None, budget="none")
+    step = result.steps[-1]
+    skipped = {d["node"]: d["reason"] for d in step["details"]["skipped"]}
+    assert "matmul_b" in skipped and "calibrated range" in skipped["matmul_b"]
+    assert step["counts"]["core_quantized"] == 1
+    scales = [initializer(result.model, n.input[1]) for n in result.model.graph.node
+              if n.op_type == "QuantizeLinear"]  # fmt: skip
+    assert scales and max(float(s) for s in scales) < 1.0

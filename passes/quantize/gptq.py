@@ -208,9 +208,7 @@ def gptq_quantize(
         s = scale[g * per_group : (g + 1) * per_group]
         blocks = hessian.blocks(g)
         spans = column_blocks(matrix.shape[1])
-        pieces = [
-            _gptq(matrix[:, a:b], h, s, -levels, levels) for (a, b), h in zip(spans, blocks)
-        ]
+        pieces = [_gptq(matrix[:, a:b], h, s, -levels, levels) for (a, b), h in zip(spans, blocks)]
         result.append(np.concatenate(pieces, axis=1))
     return from_matrices(node, result, weight.shape).astype(np.int8)
 

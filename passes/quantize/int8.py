@@ -44,7 +44,7 @@ outside the table. Subgraphs (If/Loop/Scan bodies) are not visited.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -57,7 +57,15 @@ from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pas
 
 log = logging.getLogger(__name__)
 
-QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul")
+# an op of these means the model is quantized already: the pass is a no-op that says so
+QUANTIZED_OPS = (
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+    "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul",
+    "QLinearConcat", "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearSoftmax", "QLinearAveragePool", "QLinearWhere", "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QAttention", "MatMulNBits",
+    "GatherBlockQuantized",
+)  # fmt: skip
 WEIGHT_ONLY_AXES = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}
 
 
@@ -103,6 +111,10 @@ class Calibration:
             for name in names
         }
 
+    def extents(self) -> dict[str, tuple[float, float]]:
+        """Observed ``(min, max)`` of every tensor measured so far."""
+        return {name: (s.min, s.max) for name, s in self.stats.items() if s.count}
+
     def round_weight(
         self, node: gs.Node, weight: np.ndarray, axis: int, scale: np.ndarray, levels: int
     ) -> np.ndarray:
@@ -146,6 +158,13 @@ class Job:
         if not float_nodes:
             self.calibration.prepare(placement)
         ranges = self.calibration.ranges(qdq.activation_tensors(placement))
+        for _ in range(3):  # masks: keep their readers float, plan again
+            huge = qdq.huge_range_nodes(candidate, placement, self.calibration.extents())
+            if not huge:
+                break
+            selection = replace(selection, huge={**selection.huge, **huge})
+            placement = qdq.plan(candidate, selection)
+            ranges = self.calibration.ranges(qdq.activation_tensors(placement))
         rewriter = qdq.Rewriter(
             candidate, ranges, opts.activations, opts.weight_clip, self.calibration.round_weight,
             numerics.WEIGHT_LEVELS[opts.weight_bits],
@@ -228,8 +247,9 @@ class QuantizeInt8Pass(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opts = self.options
-        if _already_quantized(graph):
-            return PassResult(False, notes=["graph already contains QuantizeLinear/QLinear ops"])
+        found = _already_quantized(graph)
+        if found:
+            return PassResult(False, notes=[f"model is already quantized ({found}): nothing done"])
         qdq.ensure_node_names(graph)
         notes: list[str] = []
         upgraded = self._try_upgrade(graph, ctx, notes)
@@ -324,8 +344,13 @@ def _weight_only_axis(node: gs.Node) -> int | None:
     return WEIGHT_ONLY_AXES.get(node.op)
 
 
-def _already_quantized(graph: gs.Graph) -> bool:
-    return any(n.op in QUANTIZED_OPS for n in graph.nodes)
+def _already_quantized(graph: gs.Graph) -> str:
+    """The quantized op types present (``"ConvInteger x2, ..."``), or ``""``."""
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op in QUANTIZED_OPS:
+            counts[node.op] = counts.get(node.op, 0) + 1
+    return ", ".join(f"{op} x{n}" if n > 1 else op for op, n in sorted(counts.items()))
 
 
 def _counts(built: Built, upgraded: int | None) -> dict[str, float]:

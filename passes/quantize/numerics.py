@@ -101,9 +101,7 @@ def _quantize_with_scale(
     return q, params
 
 
-def mse_weight_clip(
-    weight: np.ndarray, axis: int, grid: int = 20, levels: int = 127
-) -> np.ndarray:
+def mse_weight_clip(weight: np.ndarray, axis: int, grid: int = 20, levels: int = 127) -> np.ndarray:
     """Per-channel clip ratio in [0.5, 1] minimising the weight's quantization MSE."""
     w = np.moveaxis(weight.astype(np.float64), axis % weight.ndim, 0).reshape(
         weight.shape[axis], -1

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["core", "int8", "passthrough", "absorbed"]
 FLOAT_TYPES = (np.dtype(np.float32),)
+HUGE_RANGE = 1e30  # a calibrated |x| this large is a mask / -inf fill, not a signal
 
 
 @dataclass(frozen=True)
@@ -286,12 +287,18 @@ class Selection:
     float_nodes: frozenset[str] = frozenset()
     activations: ActivationType = "uint8"
     matmul_activations: bool = False
+    huge: Mapping[str, str] = field(default_factory=dict)  # node -> huge-range tensor it touches
 
     def allows(self, node: gs.Node) -> str | None:
         if self.op_types and node.op not in self.op_types:
             return f"op type not in op_types={list(self.op_types)}"
         if matches_any(node.name, self.exclude):
             return "matches exclude="
+        if node.name in self.huge:
+            return (
+                f"tensor {self.huge[node.name]!r} reaches |x| >= {HUGE_RANGE:.0e} (a mask or "
+                "-inf fill): never put in a calibrated range"
+            )
         if node.name in self.float_nodes:
             return "kept float by fallback=auto / speed=auto"
         return None
@@ -662,6 +669,28 @@ class Rewriter:
                     inputs=[values, scale, zero], outputs=[out])
         )  # fmt: skip
         return out
+
+
+def huge_range_nodes(
+    graph: gs.Graph, plan_: Plan, ranges: Mapping[str, tuple[float, float]]
+) -> dict[str, str]:
+    """Planned nodes that read or write a tensor whose range reaches ``HUGE_RANGE``
+    (attention masks filled with -3.4e38): node name -> tensor name. One such value
+    stretches a per-tensor scale until every real value rounds to the zero point."""
+    huge = {
+        name
+        for name, tensor in plan_.tensors.items()
+        if tensor.share is None
+        and max(abs(v) for v in ranges.get(tensor.stats, (0.0, 0.0))) >= HUGE_RANGE
+    }
+    nodes = {}
+    for node in graph.nodes:
+        if node.name not in plan_.nodes:
+            continue
+        for tensor in [*node.inputs, *node.outputs]:
+            if plan_.resolve(tensor.name) in huge:
+                nodes[node.name] = tensor.name
+    return nodes
 
 
 def activation_tensors(plan_: Plan) -> list[str]:
