@@ -52,7 +52,17 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.errors import UsageError
 from onnxopt.graph import replace_contents
-from onnxopt.passes.quantize import calibrate, fallback, gptq, numerics, qdq, speed, upgrade
+from onnxopt.passes.quantize import (
+    calibrate,
+    equalize,
+    fallback,
+    gptq,
+    numerics,
+    prepare,
+    qdq,
+    speed,
+    upgrade,
+)
 from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
@@ -235,6 +245,12 @@ class QuantizeInt8Pass(Pass):
             "gptq", "weight rounding: GPTQ error feedback on calibration data, or nearest"
         )
         upgrade: bool = option(True, "upgrade opset < 13 to 13 in this step")
+        prepare: bool = option(
+            True, "fold constants, BatchNormalization and per-channel Mul/Add into Conv first"
+        )
+        equalize: bool = option(
+            True, "activation-aware cross-layer equalisation of Conv -> (Relu) -> Conv pairs"
+        )
         latency: bool = option(True, "measure int8/fp32 latency for the report")
 
         def validate(self) -> None:
@@ -255,7 +271,14 @@ class QuantizeInt8Pass(Pass):
         upgraded = self._try_upgrade(graph, ctx, notes)
         if opts.weights_only:
             return self._weights_only(graph, notes, upgraded)
+        folds = prepare.prepare(graph, ctx) if opts.prepare else {}
+        if folds.get("affine_folded"):
+            notes.append(f"folded {folds['affine_folded']} per-channel Mul/Add into their Conv")
+        equalized = equalize.equalize(graph, ctx) if opts.equalize else {}
+        if equalized.get("pairs"):
+            notes.append(f"equalized the channels of {equalized['pairs']} Conv pair(s)")
         job = Job(ctx, opts, graph.copy(), notes, upgraded)
+        job.details["prepare"] = {**folds, "equalized": equalized}
         built = job.build(frozenset())
         job.details["skipped"] = built.plan.skipped
         if not built.plan.core():
