@@ -119,10 +119,10 @@ PINS: dict[str, dict[str, str]] = {
         "op11": "c96bbbe27b6689b26b44f456d97ff5322cd37db586317289c82d9c61a43f3c62",
     },
     "quantize-int8(latency=false)": {
-        "mlp": "34f6e63093c12709ddce164de9aaf4ed7aa7f3c329837421b5276adcedc9ec90",
-        "cnn": "c964c4cb6cbe86de478fc322b439f378b6bb730f962ea35ee7a2572eb9e6efa5",
-        "transformer": "5921487c37021b4a9e7414160ffc29cb0dc631d3eca377d242ec8edb62c5b56b",
-        "op11": "9913572030e77b93fde8f59cd49c50a8a7d342f181c3776b1d8cc2443c705c04",
+        "mlp": "5b059f5a9d47e1d700f13f945d459c1a72f909ff21169ea14955326c5ea46046",
+        "cnn": "1dcff4f5ad7c48226303bee8950d68ffeb361cc2c0009ad22481b1d0c3117301",
+        "transformer": "059924ce595240b9955b3119f5693ab47528c0615076054f8300b4907f970262",
+        "op11": "9c21fc0a037871e690a12689d6506c50e6e6a90d9fe80fc3a02d21bc3740a1b1",
     },
     "quantize-int8(latency=false,weights_only=true)": {
         "mlp": "0aaaea7b69f8fe1fb1c512939bb6a333ec2960e8e38d10a403b2306e45f6bb41",
