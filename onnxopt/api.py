@@ -10,8 +10,8 @@ from typing import Any
 
 import onnx
 
-from onnxopt.check import Budget
-from onnxopt.data import prepare_samples
+from onnxopt.check import LOSSY_BUDGET, Budget
+from onnxopt.data import input_specs, prepare_samples
 from onnxopt.errors import UsageError
 from onnxopt.model import LoadedModel, inline_stored, load_model, save_model
 from onnxopt.pipeline import PassManager, Pipeline, RunOutcome, load_pipeline_file
@@ -69,6 +69,7 @@ def optimize(
     calibration_samples: int | None = None,
     validation_samples: int | None = None,
     progress: bool = False,
+    allow_suspect_data: bool = False,
 ) -> Result:
     """Run ``pipeline`` on ``model`` and return the checked result.
 
@@ -76,7 +77,9 @@ def optimize(
     or the path of a ``.toml`` pipeline file whose settings (seed, budget, data...)
     apply unless given here. Raises :class:`~onnxopt.errors.OnnxoptError` subclasses
     for bad input and :class:`~onnxopt.errors.CheckFailed` when ``on_fail="abort"``
-    and a step breaks its budget.
+    and a step breaks its budget. Data whose reference outputs cannot be trusted (NaN,
+    Inf everywhere, the same for every sample) is refused with a ``DataError`` unless
+    ``allow_suspect_data``.
     """
     settings: dict[str, Any] = {}
     if isinstance(pipeline, Pipeline):
@@ -114,6 +117,7 @@ def optimize(
         on_fail=pick(on_fail, "on_fail", "rollback"),
         seed=seed,
         progress=Progress(enabled=progress),
+        allow_suspect_data=allow_suspect_data,
     )
     outcome = manager.run(
         loaded.proto,
@@ -122,5 +126,14 @@ def optimize(
         samples.source,
         base_dir=loaded.base_dir,
     )
-    report = build_report(outcome, input=str(loaded.path) if loaded.path else None, seed=seed)
+    report = build_report(
+        outcome,
+        input=str(loaded.path) if loaded.path else None,
+        seed=seed,
+        validation_samples=len(samples.validation),
+        calibration_samples=len(samples.calibration),
+        inputs=[spec.describe() for spec in input_specs(loaded.proto)],
+        budget=str(budget if budget is not None else LOSSY_BUDGET),
+        data_notes=samples.notes,
+    )
     return Result(report=report, outcome=outcome, source=loaded)

@@ -314,6 +314,47 @@ def worst(metrics: Mapping[str, OutputMetrics]) -> dict[str, float | None]:
     }
 
 
+def suspect_reference(reference: Sequence[Outputs]) -> tuple[list[str], list[str]]:
+    """What makes the original's outputs on the validation data a weak reference:
+    ``(problems, notes)``. Problems: an output with NaN (those elements could never be
+    compared), an output that is Inf everywhere, or every output identical for every
+    sample (the data does not exercise the model). Notes: some Inf values (compared
+    only where both sides are finite)."""
+    problems: list[str] = []
+    notes: list[str] = []
+    if not reference:
+        return problems, notes
+    for name in reference[0]:
+        arrays = [np.asarray(sample[name]) for sample in reference]
+        if not np.issubdtype(arrays[0].dtype, np.floating):
+            continue
+        size = sum(a.size for a in arrays)
+        nan = sum(int(np.count_nonzero(np.isnan(a))) for a in arrays)
+        inf = sum(int(np.count_nonzero(np.isinf(a))) for a in arrays)
+        if nan:
+            problems.append(f"output {name!r}: {nan:,} of {size:,} values are NaN")
+        elif size and inf == size:
+            problems.append(f"output {name!r}: every value is Inf")
+        elif inf:
+            notes.append(
+                f"output {name!r}: {inf:,} of {size:,} values are Inf (compared only where "
+                "both models are finite)"
+            )
+    if len(reference) > 1 and all(
+        _same(reference[0][name], sample[name]) for sample in reference[1:] for name in reference[0]
+    ):
+        problems.append(
+            f"every output is the same for all {len(reference)} validation samples: "
+            "the data does not exercise the model"
+        )
+    return problems, notes
+
+
+def _same(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
 # ---------------------------------------------------------------------------- structure
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxopt import __version__
-from onnxopt.errors import CheckFailed, OnnxoptError, UsageError, first_line
+from onnxopt.errors import CheckFailed, DataError, OnnxoptError, UsageError, first_line
 from onnxopt.train.cli import add_subcommands as add_train_subcommands
 from onnxopt.tune.cli import add_subcommand as add_tune_subcommand
 
@@ -35,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from onnxopt.report import build_report, format_table
 
             report = build_report(exc.outcome)
-            print(format_table(report))
+            print(format_table(report, width=_terminal_width(), wide=getattr(args, "wide", False)))
             if getattr(args, "report", None):
                 from onnxopt.report import write_report
 
@@ -92,9 +93,23 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # -v / -q work before or after the subcommand: the subcommands' copies default to
+    # SUPPRESS, so they never overwrite what the top-level parser already set
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
-    common.add_argument("-q", "--quiet", action="store_true", help="errors only, no tables or bars")
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug logs and tracebacks",
+    )
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="errors only, no tables or bars",
+    )
 
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument("--data", help=".npz (keys = input names) or a folder of .npy/.pb files")
@@ -112,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="onnxopt",
         description="Optimize ONNX models and prove they still compute the same thing.",
-        parents=[common],
     )
+    # its own copies (parents share action objects: a default set here would be theirs)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="errors only, no tables or bars")
     parser.add_argument("--version", action="version", version=f"onnxopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -134,11 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="when a step breaks its budget: roll it back and go on (default) or stop",
     )
-    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--report", help="write the report here: .html (a page with plots) or .json")
     p.add_argument(
-        "--calib-samples", type=int, default=None, help="calibration samples (default 64)"
+        "--calib-samples", type=_count(0), default=None, help="calibration samples (default 64)"
     )
-    p.add_argument("--val-samples", type=int, default=None, help="validation samples (default 32)")
+    p.add_argument(
+        "--val-samples", type=_count(1), default=None, help="validation samples (default 32)"
+    )
+    p.add_argument(
+        "--allow-suspect-data",
+        action="store_true",
+        help="go on when the original's outputs on the data are NaN, all Inf, or the "
+        "same for every sample (the checks then prove little)",
+    )
+    p.add_argument(
+        "--wide", action="store_true", help="the full summary table, whatever the terminal width"
+    )
     p.add_argument(
         "--external-data", action="store_true", help="store weights in OUTPUT.<hash>.data"
     )
@@ -162,8 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reference")
     p.add_argument("candidate")
     p.add_argument("--budget", help="exit 1 when the candidate breaks this budget")
-    p.add_argument("--samples", type=int, default=32, help="samples to compare on (default 32)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--samples", type=_count(1), default=32, help="samples to compare on (default 32)"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--allow-suspect-data",
+        action="store_true",
+        help="compare even when the reference's outputs are NaN, all Inf, or the same for "
+        "every sample",
+    )
     p.set_defaults(handler=cmd_compare)
 
     p = sub.add_parser(
@@ -171,13 +207,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("models", nargs="+")
     p.add_argument("--threads", default="1", help="thread counts, comma-separated (default 1)")
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--runs", type=int, default=5, help="runs per round (default 5)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--rounds",
+        type=_count(1),
+        default=30,
+        help="rounds; each runs every model in turn, and the medians are over rounds (default 30)",
+    )
+    p.add_argument("--runs", type=_count(1), default=5, help="runs per round (default 5)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_bench)
     add_train_subcommands(sub, [common])  # train-env, distill (onnxopt/train/cli.py)
     add_tune_subcommand(sub, [common])  # tune (onnxopt/tune/cli.py)
     return parser
+
+
+def _terminal_width() -> int:
+    """Columns of the terminal (80 when output goes to a pipe or file)."""
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+def _count(minimum: int):
+    """argparse type: an integer >= minimum, with an error naming the flag's rule."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, not {value}")
+        return value
+
+    return parse
 
 
 # ---------------------------------------------------------------------------- commands
@@ -207,25 +268,20 @@ def cmd_optimize(args) -> int:
         calibration_samples=args.calib_samples,
         validation_samples=args.val_samples,
         progress=not args.quiet and sys.stderr.isatty(),
+        allow_suspect_data=args.allow_suspect_data,
     )
     saved = result.save(output, external_data=True if args.external_data else None)
     result.report["output"] = str(saved)
     if args.report:
         write_report(result.report, args.report)
     if not args.quiet:
-        print(format_table(result.report))
-        rolled = [s for s in result.steps if s["status"] == "rolled back"]
-        for step in rolled:
-            print(
-                f"rolled back: step {step['index']} {step['step']}: "
-                + step["reason"].splitlines()[0]
-            )
+        print(format_table(result.report, width=_terminal_width(), wide=args.wide))
         print(f"wrote {saved}")
     return 0
 
 
 def cmd_passes(args) -> int:
-    from onnxopt.pipeline import get_pass, option_fields, registry
+    from onnxopt.pipeline import get_pass, registry
 
     if args.name is None:
         passes = registry()
@@ -235,22 +291,9 @@ def cmd_passes(args) -> int:
             kind = "lossless" if cls.lossless else "lossy"
             print(f"{name.ljust(width)}  {kind:<8}  {cls.summary}")
         return 0
-    cls = get_pass(args.name)
-    print(f"{cls.name}: {cls.summary}")
-    print(f"kind: {'lossless' if cls.lossless else 'lossy'}; default budget: {cls.budget()}")
-    fields = option_fields(cls)
-    if not fields:
-        print("options: none")
-    for f in fields:
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        bounds = f.metadata.get("range")
-        extra = f" [{bounds[0]}, {bounds[1]}]" if bounds else ""
-        typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        print(f"  {f.name} = {default!r}  ({typ}{extra})  {f.metadata.get('help', '')}")
-    doc = (sys.modules[cls.__module__].__doc__ or "").strip()
-    if doc:
-        print()
-        print(doc)
+    from onnxopt.passhelp import describe_pass
+
+    print(describe_pass(get_pass(args.name), width=min(_terminal_width(), 100)))
     return 0
 
 
@@ -270,7 +313,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from onnxopt.check import Budget, compare_outputs, worst
+    from onnxopt.check import Budget, compare_outputs, suspect_reference, worst
     from onnxopt.data import input_specs, prepare_samples
     from onnxopt.model import load_model
     from onnxopt.pipeline import original_outputs
@@ -299,6 +342,14 @@ def cmd_compare(args) -> int:
             outs.append(original_outputs(loaded.proto, samples))
         except OnnxoptError as exc:
             raise type(exc)(f"{where}: {exc}") from None
+    suspect, notes = suspect_reference(outs[0])
+    if suspect and not args.allow_suspect_data:
+        raise DataError(
+            f"{reference.path or 'the reference'}: its outputs on this data cannot be "
+            f"trusted: {'; '.join(suspect)}; give other data (or --allow-suspect-data)"
+        )
+    for note in [*notes, *suspect]:
+        log.warning("%s", note)
     ref_names, cand_names = set(outs[0][0]), set(outs[1][0])
     if ref_names != cand_names:
         raise UsageError(
@@ -328,7 +379,8 @@ def cmd_compare(args) -> int:
         for problem in problems:
             print(f"over budget: {problem}")
         if budget:
-            print("within budget" if not problems else f"FAILED budget {budget}")
+            verdict = "within" if not problems else "FAILED"
+            print(f"{verdict} budget {budget} on {len(samples)} samples")
     return 1 if problems else 0
 
 

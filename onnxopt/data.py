@@ -148,31 +148,38 @@ def concrete_shapes(specs: Sequence[InputSpec], overrides: Mapping[str, tuple]) 
 
 
 def load_samples(
-    source: str | os.PathLike | Mapping | Sequence, specs: Sequence[InputSpec]
+    source: str | os.PathLike | Mapping | Sequence,
+    specs: Sequence[InputSpec],
+    casts: set[tuple[str, str, str]] | None = None,
 ) -> list[Feed]:
-    """Read user data into a list of feeds matching ``specs`` (see module docstring)."""
+    """Read user data into a list of feeds matching ``specs`` (see module docstring).
+    ``casts`` collects ``(input, from dtype, to dtype)`` for every dtype converted."""
     if isinstance(source, Mapping):
-        return _samples_from_arrays(dict(source), specs, "<arrays>")
+        return _samples_from_arrays(dict(source), specs, "<arrays>", casts)
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
-        return [_coerce_feed(dict(feed), specs, f"sample {i}") for i, feed in enumerate(source)]
+        return [
+            _coerce_feed(dict(feed), specs, f"sample {i}", casts) for i, feed in enumerate(source)
+        ]
     path = Path(source)
     if not path.exists():
         raise DataError(f"data not found: {path}")
     if path.is_dir():
-        return _samples_from_folder(path, specs)
+        return _samples_from_folder(path, specs, casts)
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {k: archive[k] for k in archive.files}
         except Exception as exc:
             raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
-        return _samples_from_arrays(arrays, specs, str(path))
+        return _samples_from_arrays(arrays, specs, str(path), casts)
     if path.suffix == ".npy" and len(specs) == 1:
-        return _samples_from_arrays({specs[0].name: _load_npy(path)}, specs, str(path))
+        return _samples_from_arrays({specs[0].name: _load_npy(path)}, specs, str(path), casts)
     raise DataError(f"{path}: expected an .npz file or a folder of .npy / .pb files")
 
 
-def _samples_from_arrays(arrays: dict[str, np.ndarray], specs, where: str) -> list[Feed]:
+def _samples_from_arrays(
+    arrays: dict[str, np.ndarray], specs, where: str, casts=None
+) -> list[Feed]:
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise DataError(
@@ -206,23 +213,25 @@ def _samples_from_arrays(arrays: dict[str, np.ndarray], specs, where: str) -> li
     if n == 0:
         raise DataError(f"{where}: contains zero samples")
     return [
-        _coerce_feed({name: per_input[name][i] for name in per_input}, specs, f"{where} sample {i}")
+        _coerce_feed(
+            {name: per_input[name][i] for name in per_input}, specs, f"{where} sample {i}", casts
+        )
         for i in range(n)
     ]
 
 
-def _samples_from_folder(folder: Path, specs) -> list[Feed]:
+def _samples_from_folder(folder: Path, specs, casts=None) -> list[Feed]:
     sets = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("test_data_set"))
     if sets:
-        return [_sample_from_files(s, specs) for s in sets]
-    return [_sample_from_files(folder, specs)]
+        return [_sample_from_files(s, specs, casts) for s in sets]
+    return [_sample_from_files(folder, specs, casts)]
 
 
-def _sample_from_files(folder: Path, specs) -> Feed:
+def _sample_from_files(folder: Path, specs, casts=None) -> Feed:
     npy = {p.stem: p for p in folder.glob("*.npy")}
     if npy:
         feed = {s.name: _load_npy(npy[s.name]) for s in specs if s.name in npy}
-        return _coerce_feed(feed, specs, str(folder))
+        return _coerce_feed(feed, specs, str(folder), casts)
     pbs = sorted(folder.glob("input_*.pb"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
     if not pbs:
         raise DataError(f"{folder}: no .npy files named after inputs and no input_N.pb files")
@@ -236,7 +245,7 @@ def _sample_from_files(folder: Path, specs) -> Feed:
             raise DataError(f"{pb}: not a TensorProto ({exc})") from exc
         name = tensor.name or (specs[index].name if index < len(specs) else f"input_{index}")
         feed[name] = array
-    return _coerce_feed(feed, specs, str(folder))
+    return _coerce_feed(feed, specs, str(folder), casts)
 
 
 def load_reference_outputs(folder: Path) -> list[np.ndarray]:
@@ -257,7 +266,7 @@ def _load_npy(path: Path) -> np.ndarray:
         raise DataError(f"{path}: not a readable .npy file ({exc})") from exc
 
 
-def _coerce_feed(feed: dict, specs, where: str) -> Feed:
+def _coerce_feed(feed: dict, specs, where: str, casts=None) -> Feed:
     out = {}
     for spec in specs:
         if spec.name not in feed:
@@ -280,6 +289,8 @@ def _coerce_feed(feed: dict, specs, where: str) -> Feed:
                     f"{where}: input {spec.name!r} has dtype {array.dtype}, "
                     f"model expects {spec.dtype}"
                 )
+            if casts is not None:
+                casts.add((spec.name, str(array.dtype), str(np.dtype(spec.dtype))))
             array = array.astype(spec.dtype)
         # not np.ascontiguousarray: it turns a scalar (rank-0 input) into shape (1,)
         out[spec.name] = np.require(array, requirements="C")
@@ -347,7 +358,8 @@ class SampleSets:
     calibration: list[Feed]
     validation: list[Feed]
     source: str
-    notes: list[str] = field(default_factory=list)
+    # {"level": "note" | "warning", "text": ...}: dtype casts, too few validation samples
+    notes: list[dict[str, str]] = field(default_factory=list)
 
 
 def prepare_samples(
@@ -374,10 +386,46 @@ def prepare_samples(
             f"{n}={'x'.join(map(str, s))}" for n, s in concrete.items()
         )
         return SampleSets(samples[validation_samples:], samples[:validation_samples], source)
-    samples = load_samples(data, specs)
+    casts: set[tuple[str, str, str]] = set()
+    samples = load_samples(data, specs, casts)
+    _refuse_nonfinite(samples, specs)
     order = rng.permutation(len(samples))
     n_val = min(validation_samples, max(1, len(samples) // 2)) if len(samples) > 1 else 1
     validation = [samples[i] for i in order[:n_val]]
     calibration = [samples[i] for i in order[n_val : n_val + calibration_samples]]
     where = data if isinstance(data, (str, os.PathLike)) else "arrays"
-    return SampleSets(calibration, validation, f"{where}: {len(samples)} samples")
+    notes = [
+        {"level": "note", "text": f"input {name!r}: {src} data cast to the model's {dst}"}
+        for name, src, dst in sorted(casts)
+    ]
+    if n_val < MIN_VALIDATION_SAMPLES:
+        notes.append(
+            {
+                "level": "warning",
+                "text": f"only {n_val} validation sample{'s' if n_val != 1 else ''} (the data "
+                f"has {len(samples)}; validation takes at most half): metrics on so few "
+                f"samples prove little; give at least {2 * MIN_VALIDATION_SAMPLES} samples",
+            }
+        )
+    for note in notes:
+        log.log(logging.WARNING if note["level"] == "warning" else logging.INFO, note["text"])
+    return SampleSets(calibration, validation, f"{where}: {len(samples)} samples", notes)
+
+
+MIN_VALIDATION_SAMPLES = 8
+
+
+def _refuse_nonfinite(samples: Sequence[Feed], specs: Sequence[InputSpec]) -> None:
+    """NaN/Inf inputs make every comparison meaningless (NaN == NaN is never checked)."""
+    for spec in specs:
+        if not np.issubdtype(spec.dtype, np.floating):
+            continue
+        bad = [int(np.count_nonzero(~np.isfinite(s[spec.name]))) for s in samples]
+        total = sum(bad)
+        if total:
+            size = sum(s[spec.name].size for s in samples)
+            raise DataError(
+                f"input {spec.name!r}: {total:,} of {size:,} values are NaN or Inf (in "
+                f"{sum(1 for b in bad if b)} of {len(samples)} samples); the checks compare "
+                "outputs on finite inputs only: give data without NaN/Inf"
+            )

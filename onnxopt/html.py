@@ -14,6 +14,8 @@ Building blocks, each returning an HTML fragment (a ``str``):
   Axes are linear or logarithmic (``log=True``), with 1-2-5 ticks and a tick
   formatter; points without a finite coordinate are left out (and counted in a note
   under the chart), never drawn at a made-up place.
+- :func:`bars` — horizontal (grouped) bars from zero, one row per label.
+- :func:`details` — a collapsible block that works without scripts.
 - :func:`table` — a table from a header and rows; cells are escaped text, numbers
   are right-aligned; a row may carry a CSS class (``"muted"``, ``"failed"``,
   ``"primary"``).
@@ -325,6 +327,98 @@ def _ticks(bounds: tuple[float, float], log: bool, target: int = 6) -> list[floa
     return [round(first + i * step, 12) for i in range(max(count, 0))]
 
 
+# ------------------------------------------------------------------------ bars
+
+
+BAR_COLORS = ("#1f6feb", "#9ec5fe", "#d29922", "#a0a4a8")
+
+
+def bars(
+    labels: Sequence[str],
+    series: Sequence[tuple[str, Sequence[float | None]]],
+    axis: Axis,
+    *,
+    title: str = "",
+    width: int = 520,
+    caption: str = "",
+    max_rows: int = 60,
+) -> str:
+    """Horizontal bars, one row per label and one bar per series in it (grouped), from
+    zero; ``None`` or non-finite values leave their bar out. Rows beyond ``max_rows``
+    are left out and counted in the caption (a page stays readable)."""
+    shown = list(labels)[:max_rows]
+    name_w = min(220, 12 + 6 * max((len(label) for label in shown), default=4))
+    row_h = 6 + 10 * max(1, len(series))
+    top, bottom = (28 if title else 8), 40
+    height = top + bottom + row_h * len(shown)
+    values = [v for _, vs in series for v in vs[: len(shown)] if _usable(v, False)]
+    hi = max([0.0, *values]) or 1.0
+    lo = min([0.0, *values])
+    x0, x1 = name_w, width - 16
+
+    def px(value: float) -> float:
+        return x0 + (value - lo) / (hi - lo) * (x1 - x0)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title or axis.label)}">',
+        '<rect width="100%" height="100%" fill="#fff"/>',
+    ]
+    if title:
+        parts.append(f'<text class="title" x="8" y="16">{_esc(title)}</text>')
+    y_axis = height - bottom
+    for value in _ticks((lo, hi), False, target=5):
+        x = px(value)
+        parts.append(f'<line class="grid" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{y_axis}"/>')
+        parts.append(
+            f'<text x="{x:.1f}" y="{y_axis + 14}" text-anchor="middle">'
+            f"{_esc(axis.fmt(value))}</text>"
+        )
+    for row, label in enumerate(shown):
+        y = top + row * row_h
+        clipped = label if len(label) <= 34 else label[:33] + "…"
+        parts.append(
+            f'<text x="{x0 - 6}" y="{y + row_h / 2 + 4:.1f}" text-anchor="end">'
+            f"<title>{_esc(label)}</title>{_esc(clipped)}</text>"
+        )
+        for k, (name, vs) in enumerate(series):
+            value = vs[row] if row < len(vs) else None
+            if not _usable(value, False):
+                continue
+            start, end = sorted((px(0.0), px(value)))
+            parts.append(
+                f'<rect class="bar" x="{start:.1f}" y="{y + 3 + 10 * k}" '
+                f'width="{max(end - start, 0.5):.1f}" height="8" '
+                f'fill="{BAR_COLORS[k % len(BAR_COLORS)]}">'
+                f"<title>{_esc(f'{label}: {name} {axis.fmt(value)}')}</title></rect>"
+            )
+    parts.append(f'<line class="axis" x1="{x0}" y1="{y_axis}" x2="{x1}" y2="{y_axis}"/>')
+    parts.append(
+        f'<text class="axis-label" x="{(x0 + x1) / 2:.1f}" y="{y_axis + 30}" '
+        f'text-anchor="middle">{_esc(_axis_text(axis))}</text>'
+    )
+    legend_x = x0
+    for k, (name, _) in enumerate(series if len(series) > 1 else ()):
+        parts.append(
+            f'<rect x="{legend_x}" y="{height - 10}" width="10" height="8" '
+            f'fill="{BAR_COLORS[k % len(BAR_COLORS)]}"/>'
+            f'<text x="{legend_x + 14}" y="{height - 2}">{_esc(name)}</text>'
+        )
+        legend_x += 30 + 6.5 * len(name)
+    parts.append("</svg>")
+    notes = [caption] if caption else []
+    if len(labels) > len(shown):
+        notes.append(f"{len(labels) - len(shown)} more row(s) not drawn; the table has them all.")
+    cap = f"<figcaption>{_esc(' '.join(notes))}</figcaption>" if notes else ""
+    return f'<figure style="width:{width}px">' + "".join(parts) + cap + "</figure>"
+
+
+def details(summary: str, *fragments: str, open_: bool = False) -> str:
+    """A collapsible block that needs no script (<details>); printed pages show it."""
+    flag = " open" if open_ else ""
+    return f"<details{flag}><summary>{_esc(summary)}</summary>{''.join(fragments)}</details>"
+
+
 # ------------------------------------------------------------------------ text blocks
 
 
@@ -392,6 +486,12 @@ def page(title: str, *fragments: str, subtitle: str = "") -> str:
 
 def write_page(document: str, path: str | os.PathLike) -> Path:
     """Write ``document`` to ``path`` atomically (a reader never sees half a page)."""
+    return write_text(document, path)
+
+
+def write_text(document: str, path: str | os.PathLike) -> Path:
+    """Write a text file atomically, with the mode a plain ``open`` would give it
+    (0666 less the umask: a temporary file would otherwise keep 0600)."""
     target = Path(path)
     with tempfile.NamedTemporaryFile(
         "w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}.", delete=False
@@ -418,8 +518,9 @@ def _esc(text: str) -> str:
 
 
 def format_bytes(value: float) -> str:
-    """Human-readable byte counts, 1 KB = 1024 bytes (as the run report's table)."""
-    for unit, scale in (("GB", 2.0**30), ("MB", 2.0**20), ("KB", 2.0**10)):
+    """Sizes for people, in decimal units everywhere onnxopt prints one (1 kB = 1000
+    bytes): the run table, inspect, tune and the HTML pages."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(value) >= scale:
             return f"{value / scale:.3g} {unit}"
     return f"{value:.0f} B"

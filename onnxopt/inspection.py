@@ -12,6 +12,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt import graph as graph_utils
 from onnxopt.data import input_specs
+from onnxopt.html import format_bytes
 from onnxopt.model import (
     compressed_size,
     external_file,
@@ -95,8 +96,12 @@ def format_description(info: dict[str, Any]) -> str:
         f"outputs    {', '.join(info['outputs'])}",
         f"nodes      {info['nodes']}: " + ", ".join(f"{op} {n}" for op, n in info["ops"].items()),
         f"params     {info['params']:,}",
-        f"size       {info['size_bytes']:,} bytes"
-        + (f" ({info['compressed_bytes']:,} deflated)" if info["compressed_bytes"] else ""),
+        f"size       {format_bytes(info['size_bytes'])} ({info['size_bytes']:,} bytes"
+        + (
+            f"; {format_bytes(info['compressed_bytes'])} deflated)"
+            if info["compressed_bytes"]
+            else ")"
+        ),
     ]
     if info["subgraphs"]:
         lines.append(f"subgraphs  {info['subgraphs']} (If/Loop/Scan bodies)")

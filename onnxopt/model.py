@@ -385,7 +385,9 @@ def save_model(
     target = Path(path).resolve()
     guarded = {Path(p).resolve() for p in protect}
     if target in guarded:
-        raise ModelError(f"refusing to overwrite the input file {target}; choose another -o")
+        raise ModelError(
+            f"refusing to overwrite the input file {target}; choose another output path"
+        )
     if target.is_dir():
         raise ModelError(f"output path {target} is a directory")
     if not target.parent.is_dir():

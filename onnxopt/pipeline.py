@@ -41,6 +41,7 @@ from onnxopt.check import (
     OutputMetrics,
     compare_outputs,
     structural_checks,
+    suspect_reference,
     worst,
 )
 from onnxopt.data import Feed
@@ -547,6 +548,7 @@ class PassManager:
         on_fail: Literal["rollback", "abort"] = "rollback",
         seed: int = 0,
         progress: Progress = SILENT,
+        allow_suspect_data: bool = False,
     ) -> None:
         if on_fail not in ("rollback", "abort"):
             raise UsageError(f"on_fail must be 'rollback' or 'abort', not {on_fail!r}")
@@ -555,6 +557,7 @@ class PassManager:
         self.on_fail = on_fail
         self.seed = seed
         self.progress = progress
+        self.allow_suspect_data = allow_suspect_data
 
     def budget_for(self, step: Step) -> Budget:
         if step.budget is not None:
@@ -601,6 +604,7 @@ class PassManager:
         reference = original_outputs(
             model, self.progress(validation, "reference outputs", total=len(validation))
         )
+        self._check_reference(reference)
         state = _RunState(
             original=model,
             calibration=calibration,
@@ -642,6 +646,20 @@ class PassManager:
                 f"step {failed.index} {failed.step} failed: {failed.reason}", outcome=outcome
             )
         return outcome
+
+    def _check_reference(self, reference: list[dict]) -> None:
+        """Refuse a reference that cannot tell a good step from a bad one (see
+        check.suspect_reference), unless ``allow_suspect_data``."""
+        problems, notes = suspect_reference(reference)
+        if problems and not self.allow_suspect_data:
+            raise DataError(
+                "the original model's outputs on the validation data cannot be trusted: "
+                + "; ".join(problems)
+                + "; give other data (or allow it: --allow-suspect-data, "
+                "allow_suspect_data=True)"
+            )
+        for note in [*notes, *problems]:
+            log.warning("%s", note)
 
     def _run_step(self, index: int, step: Step, state: _RunState):
         budget = self.budget_for(step)

@@ -6,11 +6,11 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any
 
-from onnxopt import __version__
+from onnxopt import __version__, html
 from onnxopt.check import worst
 from onnxopt.pipeline import ModelStats, RunOutcome, StepRecord
 
@@ -60,6 +60,23 @@ def _step(record: StepRecord) -> dict[str, Any]:
     }
 
 
+def worst_of(first: dict, second: dict | None) -> dict:
+    """Per metric, the worse of two summaries (a step as written and as deployed)."""
+    if not second:
+        return first
+    lowest = ("cosine", "sqnr", "top1")
+    merged = dict(first)
+    for key, value in second.items():
+        old = merged.get(key)
+        if value is None or old is None:
+            merged[key] = old if old is not None else value
+            continue
+        pick = min if key in lowest else max
+        # infinities are "inf" strings in the report (JSON): compare them as floats
+        merged[key] = pick(old, value, key=float)
+    return merged
+
+
 def _clean(value: Any) -> Any:
     """Make numpy scalars and infinities JSON-friendly."""
     if isinstance(value, dict):
@@ -73,23 +90,18 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_report(report: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write the JSON report atomically."""
-    target = Path(path).resolve()
-    with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, suffix=".tmp") as f:
-        json.dump(report, f, indent=2, sort_keys=False, default=str)
-        temp = f.name
-    os.replace(temp, target)
+def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write the report atomically: an HTML page for ``.html``/``.htm``, else JSON."""
+    target = Path(path)
+    if target.suffix.lower() in (".html", ".htm"):
+        from onnxopt.report_html import render_report
+
+        return html.write_text(render_report(report), target)
+    return html.write_text(json.dumps(report, indent=2, sort_keys=False, default=str), target)
 
 
 def _human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    return "-" if n is None else html.format_bytes(n)
 
 
 def _fmt_metric(name: str, value: Any) -> str:
@@ -104,63 +116,130 @@ def _fmt_metric(name: str, value: Any) -> str:
     return f"{name}={value:.2g}"
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """A fixed-width summary: one row per step plus the totals."""
-    header = (
-        "#",
-        "step",
-        "status",
-        "time",
-        "nodes",
-        "size",
-        "deflated",
-        "params",
-        "worst vs original",
-    )
-    rows = []
-    for s in report["steps"]:
-        after = s["after"] or s["before"] or {}
-        w = s["worst_vs_original"]
-        metrics = " ".join(
-            filter(None, (_fmt_metric(k, w.get(k)) for k in ("max_abs", "cosine", "sqnr", "top1")))
-        )
-        if s["status"] == "rolled back":
-            metrics = (metrics + "  " if metrics else "") + "REASON: " + s["reason"].splitlines()[0]
-        rows.append(
-            (
-                str(s["index"]),
-                _clip(s["step"], 44),
-                s["status"],
-                f"{s['seconds']:.2f}s",
-                str(after.get("nodes", "")),
-                _human_bytes(after.get("size")),
-                _human_bytes(after.get("compressed")),
-                f"{after.get('params', 0):,}",
-                metrics,
-            )
-        )
+# Columns of the summary table, in the order they are dropped when the terminal is
+# too narrow (first dropped first); "#", "step", "status", "size" and "vs original"
+# always stay, the step text and the metrics shrink last.
+DROP_ORDER = ("nodes", "time", "params", "deflated")
+COLUMNS = ("#", "step", "status", "time", "nodes", "size", "deflated", "params", "vs original")
+METRIC_ORDER = ("cosine", "sqnr", "top1", "max_abs")  # shortened from the end
+
+
+def format_table(report: dict[str, Any], width: int | None = None, wide: bool = False) -> str:
+    """The terminal summary: a header line (data, inputs, budget), one row per step with
+    the reason of every step that was not accepted under it, and the totals. It fits
+    ``width`` columns by dropping columns in ``DROP_ORDER``; ``wide`` keeps all."""
+    rows = [_step_cells(s) for s in report["steps"]]
+    rows.append(_total_cells(report))
+    columns = list(COLUMNS)
+    metrics = list(METRIC_ORDER)
+    step_width = 44
+
+    def render() -> list[str]:
+        return _render(columns, rows, report["steps"], metrics, step_width, width, wide)
+
+    lines = render()
+    if not wide and width:
+        for column in DROP_ORDER:
+            if max(map(len, lines)) <= width:
+                break
+            columns.remove(column)
+            lines = render()
+        # below about 70 columns the table keeps this minimal form and the terminal wraps
+        while max(map(len, lines)) > width and (step_width > 16 or len(metrics) > 1):
+            if step_width > 16:
+                step_width -= 8
+            else:
+                metrics.pop()
+            lines = render()
+    return "\n".join([*_header_lines(report, width if not wide else None), *lines])
+
+
+def _step_cells(s: dict[str, Any]) -> dict[str, Any]:
+    after = s["after"] or s["before"] or {}
+    return {
+        "#": str(s["index"]),
+        "step": s["step"],
+        "status": s["status"],
+        "time": f"{s['seconds']:.2f}s",
+        "nodes": str(after.get("nodes", "")),
+        "size": _human_bytes(after.get("size")),
+        "deflated": _human_bytes(after.get("compressed")),
+        "params": f"{after.get('params', 0):,}",
+        "vs original": worst_of(
+            s.get("worst_vs_original") or {}, s.get("worst_vs_original_deployed")
+        ),
+    }
+
+
+def _total_cells(report: dict[str, Any]) -> dict[str, Any]:
     o, f = report["original"], report["final"]
-    rows.append(
-        (
-            "",
-            "original -> final",
-            "",
-            f"{report['seconds']:.2f}s",
-            f"{o['nodes']}->{f['nodes']}",
-            f"{_human_bytes(o['size'])}->{_human_bytes(f['size'])}",
-            f"{_human_bytes(o.get('compressed'))}->{_human_bytes(f.get('compressed'))}",
-            f"{o['params']:,}->{f['params']:,}",
-            "",
+    return {
+        "#": "",
+        "step": "original -> final",
+        "status": "",
+        "time": f"{report['seconds']:.2f}s",
+        "nodes": f"{o['nodes']}->{f['nodes']}",
+        "size": f"{_human_bytes(o['size'])}->{_human_bytes(f['size'])}",
+        "deflated": f"{_human_bytes(o.get('compressed'))}->{_human_bytes(f.get('compressed'))}",
+        "params": f"{o['params']:,}->{f['params']:,}",
+        "vs original": {},
+    }
+
+
+def _render(columns, rows, steps, metrics, step_width, width, wide) -> list[str]:
+    def text(row: dict[str, Any], column: str) -> str:
+        value = row[column]
+        if column == "vs original":
+            return " ".join(filter(None, (_fmt_metric(k, value.get(k)) for k in metrics)))
+        if column == "step" and not wide:
+            return _clip(value, step_width)
+        return value
+
+    table = [list(columns)] + [[text(row, c) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip() for r in table]
+    rule = "-" * max(len(line) for line in lines)
+    out = [lines[0], rule]
+    for line, step in zip(lines[1:-1], steps):
+        out.append(line)
+        out += _reason_lines(step, width if not wide else None)
+    return [*out, rule, lines[-1]]
+
+
+def _reason_lines(step: dict[str, Any], width: int | None) -> list[str]:
+    """Why a step was not accepted (rolled back: the failed check; no-op / skipped: the
+    pass's own note), indented under its row."""
+    if step["status"] == "accepted":
+        return []
+    reason = step.get("reason") or ""
+    if not reason and step.get("notes"):
+        reason = step["notes"][0]
+    if not reason:
+        return []
+    first = reason.splitlines()[0]
+    limit = max(40, (width or 10**6) - 6)
+    return ["     " + line for line in textwrap.wrap(f"why: {first}", limit)[:4]]
+
+
+def _header_lines(report: dict[str, Any], width: int | None) -> list[str]:
+    """One line on what the checks ran on and against what budget."""
+    parts = []
+    if report.get("validation_samples") is not None:
+        parts.append(
+            f"validated on {report['validation_samples']} samples "
+            f"({report.get('calibration_samples', 0)} for calibration) from {report['data']}"
         )
-    )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    lines = []
-    for row in [header, *rows]:
-        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-    lines.insert(1, "-" * min(120, max(len(line) for line in lines)))
-    lines.insert(len(lines) - 1, lines[1])
-    return "\n".join(lines)
+    if report.get("inputs"):
+        parts.append("inputs " + ", ".join(report["inputs"]))
+    if report.get("budget"):
+        parts.append(f"lossy budget {report['budget']}")
+    if not parts:
+        return []
+    lines = textwrap.wrap("; ".join(parts), width or 10**6, subsequent_indent="  ")
+    for note in report.get("data_notes", []):
+        if note.get("level") == "note":
+            lines += textwrap.wrap(f"note: {note['text']}", width or 10**6)
+    return lines
 
 
 def _clip(text: str, width: int) -> str:

@@ -144,8 +144,8 @@ def test_page_is_self_contained(tmp_path: Path):
 
 def test_format_bytes():
     assert html.format_bytes(512) == "512 B"
-    assert html.format_bytes(55325) == "54 KB"
-    assert html.format_bytes(3 * 2**20) == "3 MB"
+    assert html.format_bytes(55325) == "55.3 kB"  # decimal units everywhere
+    assert html.format_bytes(3_000_000) == "3 MB"
 
 
 def test_page_renders_in_a_headless_browser(tmp_path: Path):

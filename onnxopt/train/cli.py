@@ -54,19 +54,29 @@ def add_subcommands(subparsers, common_parents: list[argparse.ArgumentParser]) -
     p.add_argument("--data", required=True, help=".npz (keys = input names) or a folder")
     p.add_argument("--labels", help="key of integer class labels in the --data .npz")
     p.add_argument("-o", "--output", required=True, help="trained student .onnx")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=10, help="passes over the data (default 10)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per step (default 32)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    p.add_argument("--loss", choices=["auto", "kl", "mse"], default="auto")
+    p.add_argument(
+        "--loss",
+        choices=["auto", "kl", "mse"],
+        default="auto",
+        help="kl: softened class scores; mse: outputs; auto: kl for [N, C] scores, else mse",
+    )
     p.add_argument("--temperature", type=float, default=2.0, help="KL softening (loss=kl)")
     p.add_argument(
         "--alpha", type=float, default=None, help="hard-label loss weight (default 0.5 with labels)"
     )
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument(
+        "--schedule",
+        choices=["cosine", "constant"],
+        default="cosine",
+        help="learning-rate schedule after warm-up (default cosine)",
+    )
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps")
     p.add_argument("--holdout", type=float, default=0.1, help="held-out fraction (best epoch)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="shuffling and split seed (default 0)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: default)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds (0: none)")
     p.add_argument("--python", help="adjunct interpreter (default: the train-env venv)")

@@ -43,7 +43,12 @@ def add_subcommand(subparsers, common_parents: list[argparse.ArgumentParser]) ->
     )
     p.add_argument("--trials", type=int, default=20, help="trials per model (default 20)")
     p.add_argument("--seed", type=int, default=0, help="search and data seed (default 0)")
-    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="where trials run: a local process pool (default) or Ray tasks",
+    )
     p.add_argument(
         "--workers", type=int, default=None, help="parallel trials (default: the core count)"
     )
@@ -53,8 +58,10 @@ def add_subcommand(subparsers, common_parents: list[argparse.ArgumentParser]) ->
         "--shape", action="append", default=[], metavar="NAME=DIMS", help="dynamic input shape"
     )
     p.add_argument("--threads", type=int, default=1, help="latency threads (default 1)")
-    p.add_argument("--calib-samples", type=int, default=None)
-    p.add_argument("--val-samples", type=int, default=None)
+    p.add_argument(
+        "--calib-samples", type=int, default=None, help="calibration samples (default 64)"
+    )
+    p.add_argument("--val-samples", type=int, default=None, help="validation samples (default 32)")
     p.set_defaults(handler=cmd_tune)
 
 
