@@ -692,7 +692,9 @@ def test_prune_then_share_pipeline():
     original = load("digits_mlp")
     result = onnxopt.optimize(
         original,
-        "prune-initializers(sparsity=0.8,scope=global),"
+        # the magnitude mask + least-squares refit this test was calibrated on (the
+        # default method is sparsegpt since issue 14: 95.4 % here, within noise)
+        "prune-initializers(sparsity=0.8,scope=global,method=magnitude,reconstruct=true),"
         "share-weights(bits=4,init=linear,pool_bits=5),compact",
         data=TRAIN,
         budget="none",

@@ -266,3 +266,18 @@ def test_owl_allocation_keeps_the_weighted_mean_and_spares_sensitive_layers():
             assert got[1] - got[3] == pytest.approx(2 * auto.ALLOCATION_SPREAD)
         assert np.all((got >= 0) & (got <= 0.99))
     assert np.allclose(auto.allocate(sizes[:1], sensitivity[:1], 0.4), 0.4)
+
+
+def test_conv_rows_keep_evenly_strided_positions_and_the_limit_follows_k():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 4, 12, 10)).astype(np.float32)
+    w = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)
+    node = gs.import_onnx(_one_node_model("Conv", x.shape, w, pads=[1, 1, 1, 1], group=2)).nodes[0]
+    use = hessian.layer_input(node, 1, w.shape)
+    every = use.rows_of(x)  # [2 groups, 2 samples * 120 positions, 18]
+    some = use.rows_of(x, 50)  # every 3rd position of each sample: 40 per sample
+    per_sample = every.reshape(2, 2, 120, 18)[:, :, ::3]
+    np.testing.assert_array_equal(some, per_sample.reshape(2, 80, 18))
+    assert hessian.positions_limit(25, 32) == hessian.MIN_POSITIONS
+    assert hessian.positions_limit(864, 32) == 64 * 864 // 32
+    assert hessian.positions_limit(8192, 4) == hessian.POSITIONS_PER_SAMPLE

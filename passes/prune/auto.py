@@ -4,8 +4,9 @@ the layers by their measured sensitivity.
 1. **Statistics once.** The calibration statistics of every refittable weight are
    collected once, from the unpruned model (one onnxruntime run, as for a fixed
    sparsity), and reused by every candidate: a candidate costs its sweeps and its
-   evaluation, no calibration run. (When they would not fit ``STATS_BYTES`` at once,
-   each candidate collects its own, one run per memory stage.)
+   evaluation, no calibration run. Two exceptions, where each candidate collects its
+   own: models cheap enough for the layer-by-layer refit (:mod:`.refit`), which then
+   every candidate gets too, and statistics that would not fit ``STATS_BYTES`` at once.
 2. **Sensitivity.** Each layer is pruned alone at ``PROBE_SPARSITY`` with the pass's
    method; its relative output error on the calibration inputs is its sensitivity
    (weights without statistics: magnitude pruning's relative error ``||w_pruned -
@@ -57,23 +58,22 @@ def search(
     """Prune ``graph`` at the chosen sparsity; returns the outcome and the details."""
     statistics = _statistics(graph, selection, ctx, prune_pass)
     sensitivity = _sensitivity(graph, selection, ctx, prune_pass, statistics)
+    if statistics is not None and refitting.sequential(_plans(selection), statistics):
+        statistics = None  # cheap to run: every candidate gets the layer-by-layer refit
     curve: list[dict] = []
-    verdicts: dict[int, bool] = {0: True}
 
     def passes(percent: int) -> bool:
-        if percent not in verdicts:
-            candidate = graph.copy()
-            picked = eligible_weights(candidate, *_eligibility(prune_pass))
-            request = _request(picked, percent / 100, sensitivity)
-            prune_pass.prune(candidate, picked, ctx, request, statistics=statistics)
-            evaluation = ctx.evaluate(candidate)
-            # graphsurgeon graphs are reference cycles: without a collection every
-            # candidate's new arrays (the model's size) would wait for the cyclic GC
-            del candidate, picked
-            gc.collect()
-            verdicts[percent] = evaluation.ok
-            curve.append(_curve_point(percent, evaluation))
-        return verdicts[percent]
+        candidate = graph.copy()
+        picked = eligible_weights(candidate, *_eligibility(prune_pass))
+        request = _request(picked, percent / 100, sensitivity)
+        prune_pass.prune(candidate, picked, ctx, request, statistics=statistics)
+        evaluation = ctx.evaluate(candidate)
+        # graphsurgeon graphs are reference cycles: without a collection every
+        # candidate's new arrays (the model's size) would wait for the cyclic GC
+        del candidate, picked
+        gc.collect()
+        curve.append(_curve_point(percent, evaluation))
+        return evaluation.ok
 
     chosen = _bisect(passes, ctx) if selection.targets else 0
     curve.sort(key=lambda point: point["sparsity"])
@@ -102,10 +102,11 @@ def _bisect(passes, ctx: PassContext) -> int:
     budget = ctx.progress(
         range(AUTO_MAX_EVALUATIONS), desc="prune: searching sparsity", total=AUTO_MAX_EVALUATIONS
     )
-    verdicts: dict[int, bool] = {}
+    verdicts: dict[int, bool] = {0: True}
 
     def check(percent: int) -> bool:
-        verdicts[percent] = passes(percent)
+        if percent not in verdicts:
+            verdicts[percent] = passes(percent)
         return verdicts[percent]
 
     low, high = 0, 100  # low passes; high fails (100 is never tried)
@@ -129,13 +130,17 @@ def _statistics(graph, selection, ctx, prune_pass) -> dict | None:
     candidate collects its own, one run per memory stage)."""
     if not prune_pass.uses_calibration or not ctx.calibration:
         return None
-    plans = [refitting.plan(t, i) for i, t in enumerate(selection.targets)]
-    plans = [p for p in plans if not isinstance(p, str)]
+    plans = _plans(selection)
     diagonal = not prune_pass.refits
     cut = refitting.stages(plans, diagonal=diagonal)
     if len(cut) > 1:
         return None
     return refitting.collect(ctx, graph, cut[0] if cut else [], diagonal=diagonal)
+
+
+def _plans(selection: Selection) -> list[refitting.Plan]:
+    plans = [refitting.plan(t, i) for i, t in enumerate(selection.targets)]
+    return [p for p in plans if not isinstance(p, str)]
 
 
 def _sensitivity(graph, selection, ctx, prune_pass, statistics) -> dict[str, float]:

@@ -11,9 +11,11 @@ them out of it, per group of rows (``[G, n, K]``):
   columns of B, every batch;
 - Conv (1-D, 2-D, 3-D; any stride, dilation, group; explicit pads or ``auto_pad``):
   im2col patches, one matrix per group, columns ordered like ``W[o].ravel()``;
-  depthwise convolutions get one small ``K = kh*kw`` system per channel. At most
-  ``POSITIONS_PER_SAMPLE`` output positions per sample are kept (every s-th of the
-  flattened positions): a 160x160 map gives 25,600 nearly redundant rows per sample;
+  depthwise convolutions get one small ``K = kh*kw`` system per channel. The
+  collectors keep at most :func:`positions_limit` output positions per sample (every
+  s-th of the flattened positions; about ``64 * K`` rows over all samples, 256 to
+  4,096 per sample): a 160x160 map gives 25,600 nearly redundant rows per sample, and
+  a depthwise 5x5 needs far fewer than a 3x3 over 96 channels;
 - ConvTranspose (explicit pads or VALID, ``output_padding``; not ``output_shape``): the
   patches of the equivalent convolution over the stride-dilated input with the kernel
   flipped, so that column ``(c, t)`` multiplies ``W[c, o, t]``.
@@ -39,7 +41,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 FLUSH_ELEMENTS = 1 << 20  # floats buffered per layer before they are folded into H
-POSITIONS_PER_SAMPLE = 4096  # Conv rows per sample and group (evenly strided beyond)
+POSITIONS_PER_SAMPLE = 4096  # Conv rows per sample and group, at most...
+ROWS_PER_COLUMN = 64  # ...about this many rows per column of K over all samples...
+MIN_POSITIONS = 256  # ...but at least this many per sample
 _NOTSET = ("NOTSET", b"NOTSET")
 
 
@@ -51,7 +55,14 @@ class LayerInput:
     source: str
     groups: int
     fan_in: int
-    rows_of: Callable[[np.ndarray], np.ndarray]
+    rows_of: Callable[..., np.ndarray]  # (activation, positions=None) -> [G, n, K]
+
+
+def positions_limit(fan_in: int, samples: int) -> int:
+    """Conv output positions kept per sample: enough for ``ROWS_PER_COLUMN * K`` rows
+    over all samples, within ``[MIN_POSITIONS, POSITIONS_PER_SAMPLE]``."""
+    wanted = -(-ROWS_PER_COLUMN * fan_in // max(samples, 1))
+    return min(POSITIONS_PER_SAMPLE, max(MIN_POSITIONS, wanted))
 
 
 def layer_input(node: gs.Node, index: int, shape: tuple[int, ...]) -> LayerInput | str:
@@ -69,9 +80,9 @@ def _gemm(node: gs.Node, index: int, shape: tuple[int, ...]) -> LayerInput | str
     trans_a, trans_b = bool(node.attrs.get("transA", 0)), bool(node.attrs.get("transB", 0))
     if index == 1:
         k = shape[1] if trans_b else shape[0]
-        return LayerInput(_name(node, 0), 1, k, lambda x: _rows(x.T if trans_a else x, k))
+        return LayerInput(_name(node, 0), 1, k, lambda x, _=None: _rows(x.T if trans_a else x, k))
     k = shape[0] if trans_a else shape[1]
-    return LayerInput(_name(node, 1), 1, k, lambda x: _rows(x if trans_b else x.T, k))
+    return LayerInput(_name(node, 1), 1, k, lambda x, _=None: _rows(x if trans_b else x.T, k))
 
 
 def _matmul(node: gs.Node, index: int, shape: tuple[int, ...]) -> LayerInput | str:
@@ -79,10 +90,13 @@ def _matmul(node: gs.Node, index: int, shape: tuple[int, ...]) -> LayerInput | s
         return f"batched MatMul weight {list(shape)}"
     if index == 1:
         k = shape[0]
-        return LayerInput(_name(node, 0), 1, k, lambda x: _rows(x, k))
+        return LayerInput(_name(node, 0), 1, k, lambda x, _=None: _rows(x, k))
     k = shape[-1]
     return LayerInput(
-        _name(node, 1), 1, k, lambda x: _rows(x if x.ndim == 1 else np.swapaxes(x, -1, -2), k)
+        _name(node, 1),
+        1,
+        k,
+        lambda x, _=None: _rows(x if x.ndim == 1 else np.swapaxes(x, -1, -2), k),
     )
 
 
@@ -134,7 +148,10 @@ def _conv(node: gs.Node, index: int, shape: tuple[int, ...]) -> LayerInput | str
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     fan_in = math.prod(shape[1:])
     return LayerInput(
-        _name(node, 0), window.groups, fan_in, lambda x: conv_patches(x, window, auto_pad)
+        _name(node, 0),
+        window.groups,
+        fan_in,
+        lambda x, positions=None: conv_patches(x, window, auto_pad, positions),
     )
 
 
@@ -150,7 +167,9 @@ def _same_pads(window: _Window, spatial: tuple[int, ...], lower: bool) -> _Windo
     )
 
 
-def conv_patches(x: np.ndarray, window: _Window, auto_pad: str = "NOTSET") -> np.ndarray:
+def conv_patches(
+    x: np.ndarray, window: _Window, auto_pad: str = "NOTSET", positions: int | None = None
+) -> np.ndarray:
     """im2col of a Conv input ``x[N, C, *spatial]``: ``[G, N * positions, C/G * prod(k)]``."""
     spatial = tuple(x.shape[2:])
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
@@ -160,13 +179,16 @@ def conv_patches(x: np.ndarray, window: _Window, auto_pad: str = "NOTSET") -> np
         window = _Window(window.kernel, window.strides, window.dilations, zero, zero, window.groups)
     padding = [(0, 0), (0, 0), *zip(window.begin, window.end)]
     padded = np.pad(np.asarray(x, dtype=np.float32), padding)
-    return _patches(padded, window.spans, window.strides, window.dilations, window.groups)
+    return _patches(
+        padded, window.spans, window.strides, window.dilations, window.groups, positions
+    )
 
 
-def _patches(padded, spans, strides, dilations, groups, flip: bool = False) -> np.ndarray:
+def _patches(
+    padded, spans, strides, dilations, groups, limit: int | None, flip: bool = False
+) -> np.ndarray:
     """``[G, N * positions, C/G * prod(k)]`` from the padded input, one copy; at most
-    ``POSITIONS_PER_SAMPLE`` output positions per sample, evenly strided over the
-    flattened positions when there are more."""
+    ``limit`` output positions per sample (every s-th of the flattened positions)."""
     dims = len(spans)
     axes = tuple(range(2, 2 + dims))
     windows = np.lib.stride_tricks.sliding_window_view(padded, spans, axis=axes)
@@ -177,8 +199,8 @@ def _patches(padded, spans, strides, dilations, groups, flip: bool = False) -> n
     out, kernel = windows.shape[2 : 2 + dims], windows.shape[2 + dims :]
     grouped = windows.reshape(n, groups, channels // groups, math.prod(out), *kernel)
     positions = math.prod(out)
-    if positions > POSITIONS_PER_SAMPLE:
-        step = -(-positions // POSITIONS_PER_SAMPLE)
+    if limit is not None and positions > limit:
+        step = -(-positions // limit)
         grouped = grouped[:, :, :, ::step]
         positions = grouped.shape[3]
     # [G, N, positions, C/G, *k] -> [G, N * positions, K]: the only copy
@@ -201,11 +223,16 @@ def _conv_transpose(node: gs.Node, index: int, shape: tuple[int, ...]) -> LayerI
     extra = tuple(int(p) for p in node.attrs.get("output_padding", [0] * len(window.kernel)))
     fan_in = shape[0] // window.groups * math.prod(shape[2:])
     return LayerInput(
-        _name(node, 0), window.groups, fan_in, lambda x: transposed_patches(x, window, extra)
+        _name(node, 0),
+        window.groups,
+        fan_in,
+        lambda x, positions=None: transposed_patches(x, window, extra, positions),
     )
 
 
-def transposed_patches(x: np.ndarray, window: _Window, extra: tuple[int, ...]) -> np.ndarray:
+def transposed_patches(
+    x: np.ndarray, window: _Window, extra: tuple[int, ...], positions: int | None = None
+) -> np.ndarray:
     """Input rows of a ConvTranspose: output position ``p`` and tap ``t`` read input
     position ``q`` with ``q * stride + t * dilation - pad_begin = p`` (zero if there is
     none): a stride-1 convolution of the zero-inserted input with the kernel flipped."""
@@ -225,7 +252,8 @@ def transposed_patches(x: np.ndarray, window: _Window, extra: tuple[int, ...]) -
     crop = [slice(max(-a, 0), n - max(-b, 0)) for a, b, n in zip(lefts, rights, padded.shape[2:])]
     padded = padded[(slice(None), slice(None), *crop)]
     ones = (1,) * len(spatial)
-    return _patches(padded, window.spans, ones, window.dilations, window.groups, flip=True)
+    spans, dilations, groups = window.spans, window.dilations, window.groups
+    return _patches(padded, spans, ones, dilations, groups, positions, flip=True)
 
 
 _BUILDERS: dict[str, Callable[[gs.Node, int, tuple[int, ...]], LayerInput | str]] = {

@@ -42,6 +42,7 @@ from onnxopt.passes.prune.hessian import (
     InputStatistics,
     LayerInput,
     layer_input,
+    positions_limit,
     statistics_bytes,
 )
 from onnxopt.passes.prune.sparsegpt import (
@@ -136,14 +137,17 @@ def collect(
         for p in stage
     }
     sources = sorted({use.source for p in stage for use in p.inputs})
+    limits = {p.target.name: positions_limit(p.fan_in, len(ctx.calibration)) for p in stage}
     before = _stream(ctx, unpruned, sources, f"{desc} (unpruned)") if cross else None
     for acts in _stream(ctx, graph, sources, desc):
         acts0 = next(before) if before is not None else None
         for p in stage:
             stats = found[p.target.name]
+            limit = limits[p.target.name]
             for use in p.inputs:
-                x = use.rows_of(acts[use.source])
-                stats.add(x, use.rows_of(acts0[use.source]) if acts0 is not None else None)
+                x = use.rows_of(acts[use.source], limit)
+                x0 = use.rows_of(acts0[use.source], limit) if acts0 is not None else None
+                stats.add(x, x0)
         del acts, acts0
     for stats in found.values():
         stats.flush()
@@ -191,6 +195,7 @@ class Replay:
     def collect(self, p: Plan, weights: dict[str, np.ndarray], desc: str) -> InputStatistics:
         """``XᵀX`` and ``XᵀX0`` of ``p``: inputs with ``weights`` fed, and without."""
         stats = InputStatistics(p.groups, p.fan_in, cross=True)
+        limit = positions_limit(p.fan_in, len(self.ctx.calibration))
         names = sorted({use.source for use in p.inputs} - self.given)
         samples = self.ctx.progress(
             self.ctx.calibration, desc=desc, total=len(self.ctx.calibration)
@@ -205,7 +210,8 @@ class Replay:
             given = {k: sample[k] for k in self.given if k in sample}
             now, before = {**now, **given}, {**before, **given}
             for use in p.inputs:
-                stats.add(use.rows_of(now[use.source]), use.rows_of(before[use.source]))
+                x, x0 = use.rows_of(now[use.source], limit), use.rows_of(before[use.source], limit)
+                stats.add(x, x0)
         stats.flush()
         return stats
 
