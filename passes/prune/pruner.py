@@ -38,7 +38,7 @@ from onnxopt.passes.prune.selection import (
     zero_pattern,
     zero_smallest,
 )
-from onnxopt.passes.prune.sparsegpt import Rule
+from onnxopt.passes.prune.sparsegpt import Rule, working_dtype
 from onnxopt.passes.prune.weights import Selection, WeightTarget, owned_values, read_values
 from onnxopt.pipeline import PassContext
 
@@ -225,7 +225,7 @@ class Pruner:
         """The pruned ``[rows, K]`` float64 weights of ``p`` and, when refitted, the
         layer's relative output error."""
         target = p.target
-        rows = target.layout.to_rows(values).astype(np.float64)
+        rows = target.layout.to_rows(values).astype(working_dtype(p.fan_in))
         shape3 = (p.groups, rows.shape[0] // p.groups, rows.shape[1])
         forced = (rows == 0).reshape(shape3)
         if self.method == "sparsegpt" and request.kind != "threshold":

@@ -51,7 +51,9 @@ from onnxopt.passes.prune.sparsegpt import (
     dense_target,
     inverse_cholesky,
     output_error,
+    polish_iterations,
     sweep,
+    working_dtype,
 )
 from onnxopt.passes.prune.sparsegpt import polish as sg_polish
 from onnxopt.passes.prune.weights import WeightTarget
@@ -262,19 +264,23 @@ def refit(
     ``consume`` the Hessian is released as soon as it is damped. Raises
     ``np.linalg.LinAlgError`` if the damped Hessian is not positive definite."""
     groups = p.groups
-    target = rows.reshape(groups, rows.shape[0] // groups, rows.shape[1])
+    dtype = working_dtype(p.fan_in)
+    target = rows.reshape(groups, rows.shape[0] // groups, rows.shape[1]).astype(dtype)
     hd, lam = damped(stats.hessian, stats.rows)
     cross = stats.cross
     if consume:
         stats.hessian = stats.cross = None
+    hd = hd.astype(dtype, copy=False)
     upper = inverse_cholesky(hd)
     if cross is not None:  # inputs from the pruned model: reproduce the unpruned outputs
-        target = dense_target(target, upper, cross, lam)
+        target = dense_target(target, upper, cross.astype(dtype, copy=False), lam)
         del cross
     fitted = target.copy()
     mask = sweep(fitted, upper, rule)
     del upper
-    iterations = sg_polish(fitted, target, hd, mask) if polish else 0
-    energy = float(np.sum((target @ hd) * target))
+    iterations = polish_iterations(rows.shape[0], p.fan_in) if polish else 0
+    if iterations:
+        sg_polish(fitted, target, hd, mask, iterations=iterations)
+    energy = float(np.sum(output_error(target, None, hd)))
     error = float(np.sum(output_error(fitted, target, hd))) / energy if energy > 0 else 0.0
     return Fit(fitted.reshape(rows.shape), error, iterations)

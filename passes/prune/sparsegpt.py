@@ -34,7 +34,9 @@ The sweep is greedy: a kept column is final once visited, so later zeros cannot 
 it. With a fixed mask it is exact (it equals the per-row least-squares solution) when
 every row's zeros come before its kept columns; otherwise :func:`polish` finishes the
 job: conjugate gradients on the kept weights of all rows at once (one ``[R, K] @ Hd``
-product per iteration, Jacobi preconditioned), started from the sweep's result.
+product per iteration, Jacobi preconditioned), started from the sweep's result, for at
+most ``POLISH_ITERATIONS`` and ``POLISH_FLOPS`` (an 8192 x 8192 layer keeps the sweep's
+values). Layers wider than ``WIDE_COLUMNS`` work in float32.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ BLOCK = 128
 INVERSE_BASE = 256  # triangular inverse: recursion down to this size, then numpy's inv
 POLISH_TOLERANCE = 1e-6  # relative residual of every row
 POLISH_ITERATIONS = 25
+POLISH_FLOPS = 5e10  # per layer: fewer iterations (none) where one costs more
+TRAILING_ELEMENTS = 1 << 22  # temporaries of the per-block update of the later columns
+WIDE_COLUMNS = 4096  # wider layers work in float32 (as SparseGPT does): half the memory
 
 
 @dataclass
@@ -162,8 +167,12 @@ def sweep(weights: np.ndarray, upper: np.ndarray, rule: Rule, block: int = BLOCK
             errors[:, :, i] = error
             w1[:, :, i] = np.where(m1[:, :, i], 0.0, w1[:, :, i])
         weights[:, :, start:end] = w1
-        if end < k:
-            weights[:, :, end:] -= errors @ upper[:, start:end, end:]
+        if end < k:  # the later columns, a block of rows at a time (bounded temporaries)
+            step = max(1, TRAILING_ELEMENTS // (k - end))
+            for r in range(0, weights.shape[1], step):
+                weights[:, r : r + step, end:] -= (
+                    errors[:, r : r + step] @ upper[:, start:end, end:]
+                )
     return mask
 
 
@@ -236,7 +245,27 @@ def polish(
     return iterations
 
 
-def output_error(weights: np.ndarray, target: np.ndarray, hd: np.ndarray) -> np.ndarray:
-    """``(w - w*)ᵀ Hd (w - w*)`` summed over the rows of each group: ``[G]``."""
-    delta = weights - target
-    return np.sum((delta @ hd) * delta, axis=(-2, -1))
+def working_dtype(fan_in: int) -> np.dtype:
+    """float64, or float32 for layers wider than ``WIDE_COLUMNS`` (an 8192-wide layer's
+    ``Hd``, ``U``, weights and refit are 4 x 512 MiB in float64)."""
+    return np.dtype(np.float32 if fan_in > WIDE_COLUMNS else np.float64)
+
+
+def polish_iterations(rows: int, fan_in: int) -> int:
+    """``POLISH_ITERATIONS``, fewer when they would pass ``POLISH_FLOPS`` (an iteration
+    is one ``[rows, K] @ [K, K]`` product): 0 for an 8192 x 8192 layer."""
+    per_iteration = 2.0 * rows * fan_in * fan_in
+    return int(min(POLISH_ITERATIONS, POLISH_FLOPS // max(per_iteration, 1.0)))
+
+
+def output_error(weights: np.ndarray, target: np.ndarray | None, hd: np.ndarray) -> np.ndarray:
+    """``(w - w*)ᵀ Hd (w - w*)`` summed over the rows of each group (``[G]``, float64),
+    a block of rows at a time; ``target=None``: ``wᵀ Hd w``."""
+    total = np.zeros(weights.shape[0])
+    step = max(1, TRAILING_ELEMENTS // weights.shape[-1])
+    for r in range(0, weights.shape[1], step):
+        delta = weights[:, r : r + step]
+        if target is not None:
+            delta = delta - target[:, r : r + step]
+        total += np.sum((delta @ hd) * delta, axis=(-2, -1), dtype=np.float64)
+    return total
