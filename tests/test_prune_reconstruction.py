@@ -210,6 +210,32 @@ def test_exact_count_across_blocks_counts_existing_zeros():
         assert np.all(swept[0, :, :5] == 0)
 
 
+def test_wide_layers_sweep_in_float32_and_row_blocks_and_skip_a_costly_polish(monkeypatch):
+    """What an 8192 x 8192 layer gets: float32 working copies, the trailing update a
+    block of rows at a time (same result), no polish iteration when one is too costly."""
+    x, w = _correlated_layer(9, rows=40, k=96)
+    hd, _ = sparsegpt.damped((x.T @ x)[None])
+    upper = sparsegpt.inverse_cholesky(hd)
+    whole = w[None].copy()
+    mask = sparsegpt.sweep(whole, upper, Rule(count=w.size // 2), block=16)
+    monkeypatch.setattr(sparsegpt, "TRAILING_ELEMENTS", 3 * 96)  # 3 rows per block
+    blocked = w[None].copy()
+    assert np.array_equal(sparsegpt.sweep(blocked, upper, Rule(count=w.size // 2), block=16), mask)
+    np.testing.assert_allclose(blocked, whole, rtol=0, atol=1e-12)
+    direct = np.sum(((whole - w) @ hd) * (whole - w))
+    assert sparsegpt.output_error(whole, w[None], hd)[0] == pytest.approx(direct, rel=1e-12)
+
+    assert sparsegpt.working_dtype(96) == np.float64
+    assert sparsegpt.working_dtype(8192) == np.float32
+    single = w[None].astype(np.float32)
+    sparsegpt.sweep(single, upper.astype(np.float32), Rule(fixed=mask), block=16)
+    exact = float(sparsegpt.output_error(whole, w[None], hd)[0])
+    assert float(sparsegpt.output_error(single, w[None], hd)[0]) == pytest.approx(exact, rel=1e-4)
+    assert sparsegpt.polish_iterations(8192, 8192) == 0
+    assert sparsegpt.polish_iterations(384, 1536) == sparsegpt.POLISH_ITERATIONS  # MiniLM FFN
+    assert sparsegpt.polish_iterations(512, 2304) == 9  # 5.4 GFLOP each, within 5e10
+
+
 # ---------------------------------------------------------------------------- accumulation
 
 

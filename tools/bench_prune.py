@@ -1,19 +1,28 @@
 """prune-initializers: fidelity, time and size, on the zoo and on the digits models.
 
 **Zoo** (``tools/fetch_zoo.py`` models, ``tools/zoo_data.py`` calibration/evaluation
-inputs). Per model, in one run and interleaved: onnxruntime's ``quantize_static`` (the
-cost anchor, as in ``tools/bench_zoo.py``), then one fresh process per cell running
-``onnxopt.optimize`` with one ``prune-initializers`` step at ``budget=none`` (so every
-cell is shown). A cell reports the wall time of the whole ``optimize`` call + save, its
-ratio to the anchor and the target ``<= 3 x anchor + 15 s``, peak RSS, and fidelity on
-the evaluation file (never seen by the pass): worst-output SQNR and cosine against the
-original, and the model's task metric (``tools/bench_zoo.py``). Cells:
+inputs). Per model, in one run, one fresh process per cell running ``onnxopt.optimize``
+with one ``prune-initializers`` step at ``budget=none`` (so every cell is shown),
+interleaved with onnxruntime's ``quantize_static`` (the cost anchor, as in
+``tools/bench_zoo.py``): the anchor runs before the first cell and after every cell,
+and a cell's ratio is its wall time over the mean of the anchors just before and after
+it. A cell reports the wall time of the whole ``optimize`` call + save, that ratio and
+the target ``<= 3 x anchor + 15 s``, peak RSS, and fidelity on the evaluation file
+(never seen by the pass): worst-output SQNR and cosine against the original, and the
+model's task metric (``tools/bench_zoo.py``). The anchor row gives the median anchor
+and the 1-minute load average after the model's cells. Cells:
 
 - ``default``: ``prune-initializers(sparsity=0.5)`` (SparseGPT);
 - ``magnitude``: ``method=magnitude`` — plain per-tensor magnitude pruning, the
   baseline the default's SQNR gain is measured against;
 - ``wanda``: ``method=wanda``;
-- ``2:4`` and ``2:4 wanda`` (``--patterns``, on by default for minilm).
+- ``magnitude + refit``: ``method=magnitude,reconstruct=true`` — the previous
+  default's objective (magnitude mask, kept weights refitted by least squares) solved
+  by the new code;
+- ``old default (--vs)``: with ``--vs PYTHON``, the default run by another
+  interpreter's onnxopt (a venv of the checkout before ``passes/prune/``), at most
+  ``OLD_TIMEOUT`` seconds;
+- ``2:4``, ``2:4 wanda``, ``2:4 magnitude`` (``--patterns``, on by default for minilm).
 
 **Digits** (``models/digits_*.onnx``): test accuracy on the held-out
 ``models/digits_test.npz`` (540 images) for several settings, sizes (dense, deflate,
@@ -21,6 +30,7 @@ original, and the model's task metric (``tools/bench_zoo.py``). Cells:
 
     python tools/bench_prune.py                           # zoo + digits
     python tools/bench_prune.py --models ppocr-rec,minilm # some models
+    python tools/bench_prune.py --models ppocr-cls --vs /work/venvs/prune-old/bin/python
     python tools/bench_prune.py --models cnn --digits-settings all
 """
 
@@ -50,7 +60,10 @@ ZOO_CELLS = {
     "default": "prune-initializers(sparsity=0.5)",
     "magnitude": "prune-initializers(sparsity=0.5,method=magnitude)",
     "wanda": "prune-initializers(sparsity=0.5,method=wanda)",
+    "magnitude + refit": "prune-initializers(sparsity=0.5,method=magnitude,reconstruct=true)",
 }
+OLD_CELL = "old default (--vs)"
+OLD_TIMEOUT = 900.0  # seconds: the old per-row refit did not finish PP-OCRv4 rec in 15 min
 PATTERN_CELLS = {
     "2:4": "prune-initializers(pattern=2:4)",
     "2:4 wanda": "prune-initializers(pattern=2:4,method=wanda)",
@@ -74,7 +87,7 @@ DIGITS_SETTINGS = [
 # ----------------------------------------------------------------------------- zoo
 
 
-def zoo_rows(models: list[str], patterns: set[str], timeout: float) -> list[str]:
+def zoo_rows(models: list[str], patterns: set[str], timeout: float, vs: str | None) -> list[str]:
     paths = fetch_zoo.ensure(models)
     data = zoo_data.ensure(models)
     out = []
@@ -88,29 +101,36 @@ def zoo_rows(models: list[str], patterns: set[str], timeout: float) -> list[str]
             calib, evaluation = data[model]
             base = {"name": model, "model": str(paths[model]), "calib": str(calib)}
             base["eval"] = str(evaluation)
-            anchor = bench_zoo.run_child("anchor", dict(base, out=f"{tmp}/qs.onnx"), timeout)
-            qs = anchor.get("wall", float("nan"))
-            line = f"| {model} | quantize_static (anchor) | {qs:.1f} | 1.00 | | "
-            line += f"{anchor.get('rss_mb', float('nan')):.0f} | | | | |"
+            anchor_spec = dict(base, out=f"{tmp}/qs.onnx")
+            anchors = [bench_zoo.run_child("anchor", anchor_spec, timeout).get("wall", np.nan)]
+            cells = [(cell, pipeline, None) for cell, pipeline in ZOO_CELLS.items()]
+            if model in patterns:
+                cells += [(cell, pipeline, None) for cell, pipeline in PATTERN_CELLS.items()]
+            if vs:
+                cells.append((OLD_CELL, ZOO_CELLS["default"], vs))
+            records = {}
+            for cell, pipeline, python in cells:
+                spec = dict(base, pipeline=pipeline, budget="none", out=f"{tmp}/{model}.onnx")
+                limit = timeout if python is None else min(timeout, OLD_TIMEOUT)
+                rec = bench_zoo.run_child("onnxopt", spec, limit, python)
+                anchors.append(bench_zoo.run_child("anchor", anchor_spec, timeout)["wall"])
+                records[cell] = dict(rec, anchor=float(np.mean(anchors[-2:])))
+            load = os.getloadavg()[0]
+            line = f"| {model} | quantize_static (anchor) | median {np.nanmedian(anchors):.1f} "
+            line += f"of {len(anchors)} | 1.00 | | | | | | load {load:.1f} |"
             print(line, flush=True)
             out.append(line)
-            cells = dict(ZOO_CELLS)
-            if model in patterns:
-                cells.update(PATTERN_CELLS)
-            records = {}
-            for cell, pipeline in cells.items():
-                spec = dict(base, pipeline=pipeline, budget="none", out=f"{tmp}/{model}.onnx")
-                records[cell] = bench_zoo.run_child("onnxopt", spec, timeout)
             for cell, rec in records.items():
-                line = _zoo_line(model, cell, rec, qs, records.get("magnitude"))
+                line = _zoo_line(model, cell, rec, records.get("magnitude"))
                 print(line, flush=True)
                 out.append(line)
     return out
 
 
-def _zoo_line(model: str, cell: str, rec: dict, qs: float, magnitude: dict | None) -> str:
+def _zoo_line(model: str, cell: str, rec: dict, magnitude: dict | None) -> str:
     if "error" in rec:
         return f"| {model} | {cell} | {rec['error']} | | | | | | | |"
+    qs = rec["anchor"]
     limit = 3 * qs + 15
     ok = "yes" if rec["wall"] <= limit else "**no**"
     delta = "-"
@@ -204,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         "--digits-settings", choices=["all", "0.5"], default="all", help="digits rows"
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per zoo cell")
+    parser.add_argument(
+        "--vs", metavar="PYTHON", help="also the default with this interpreter's onnxopt (old)"
+    )
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in ZOO and m not in DIGITS]
@@ -219,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     zoo = [m for m in models if m in ZOO]
     if zoo:
-        zoo_rows(zoo, set(args.patterns.split(",")), args.timeout)
+        zoo_rows(zoo, set(args.patterns.split(",")), args.timeout, args.vs)
     digits = [m for m in models if m in DIGITS]
     if digits:
         settings = DIGITS_SETTINGS if args.digits_settings == "all" else DIGITS_SETTINGS[:4]
