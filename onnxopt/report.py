@@ -54,6 +54,12 @@ def _step(record: StepRecord) -> dict[str, Any]:
         "metrics_vs_original": {k: m.as_dict() for k, m in record.vs_original.items()},
         "metrics_vs_previous": {k: m.as_dict() for k, m in record.vs_previous.items()},
         "worst_vs_original": _clean(worst(record.vs_original)) if record.vs_original else {},
+        "metrics_vs_original_deployed": {
+            k: m.as_dict() for k, m in record.vs_original_deployed.items()
+        },
+        "worst_vs_original_deployed": (
+            _clean(worst(record.vs_original_deployed)) if record.vs_original_deployed else {}
+        ),
         "counts": result.counts if result else {},
         "details": _clean(result.details) if result else {},
         "notes": result.notes if result else [],

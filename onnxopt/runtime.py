@@ -39,7 +39,12 @@ def make_session(
     optimize: bool = False,
     threads: int | None = None,
     optimized_model_path: str | None = None,
+    prepack: bool = True,
 ) -> ort.InferenceSession:
+    """A CPU session. ``optimize``: onnxruntime's graph optimizations (as deployed);
+    off by default so that checks measure the model as written. ``prepack=False`` keeps
+    weights in place for a large model (pre-packing copies them; numerics are the same).
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -60,7 +65,7 @@ def make_session(
         # allocation counts; before mapping another copy of a large model, collect now
         # (measured: 1.3 GB of the quantize-int8 peak on the 2 GiB model, run by run)
         gc.collect()
-    if not optimize and large:
+    if large and (not optimize or not prepack):
         # weights on disk (onnxopt.store): onnxruntime maps them, and pre-packing would
         # copy every MatMul/Conv weight into its own layout (checks run a few samples,
         # so what packing saves is not worth a second copy of a large model)
