@@ -4,9 +4,13 @@ against magnitude, chunked Hessian accumulation, the OWL-style allocation."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
@@ -139,6 +143,28 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_inverse():
     np.testing.assert_array_equal(upper, np.triu(upper))
     inverse = np.linalg.inv(hd[0])
     np.testing.assert_allclose(upper[0].T @ upper[0], inverse, atol=1e-9 * np.abs(inverse).max())
+
+
+def test_pruned_bits_do_not_depend_on_blas_threads(tmp_path):
+    """OpenBLAS's threaded kernels change the last bits of a Cholesky (from 128 x 128)
+    and of some products with the thread count; the pass runs BLAS on one thread."""
+    rng = np.random.default_rng(1)
+    model = _one_node_model("MatMul", (1, 300), rng.standard_normal((300, 40)).astype(np.float32))
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "x.npz", x=rng.standard_normal((64, 1, 300)).astype(np.float32))
+    code = (
+        "import hashlib, onnxopt\n"
+        f"r = onnxopt.optimize({str(tmp_path / 'm.onnx')!r}, 'prune-initializers',"
+        f" data={str(tmp_path / 'x.npz')!r}, budget='none', seed=0)\n"
+        "print(hashlib.sha256(r.model.SerializeToString()).hexdigest())\n"
+    )
+    digests = set()
+    for threads in ("1", "2"):
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads)
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        digests.add(run.stdout.strip().splitlines()[-1])
+    assert len(digests) == 1, digests
 
 
 def test_obs_sweep_with_a_fixed_mask_is_exact_least_squares():

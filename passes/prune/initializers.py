@@ -45,6 +45,10 @@ inputs; Gemm B — K (``transB`` decides which stored axis that is); MatMul B ``
 ``sparse_initializer`` when that is smaller; onnxruntime densifies it on load, outputs
 are identical.
 
+The pass runs numpy's BLAS on one thread: the refit's bits would otherwise depend on
+the thread count (OpenBLAS's threaded Cholesky and some products), and the same model,
+data and seed give the same file on any machine.
+
 Idempotent: a tensor that already has at least the requested zeros (or whose N:M groups
 already hold M - N zeros) is left alone; zeros a tensor already has are always kept
 (they count towards its total). ``sparsity=0`` is a no-op. With ``threshold=`` and a
@@ -65,6 +69,7 @@ from typing import Literal
 
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import SparseValues
+from threadpoolctl import threadpool_limits
 
 from onnxopt.passes.prune import auto
 from onnxopt.passes.prune.pruner import Outcome, Pruner, Request, request_counts
@@ -136,6 +141,12 @@ class PruneInitializersPass(Pass):
         return self.method != "magnitude" or self.refits
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        # OpenBLAS's threaded kernels (Cholesky, some matrix products) change the last
+        # bits of a refit with the number of threads: one thread, the same file anywhere
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._run(graph, ctx)
+
+    def _run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         options = self.options
         selection = eligible_weights(graph, options.ops, options.exclude, options.min_size)
         details: dict = {"skipped": selection.skipped}
