@@ -263,7 +263,7 @@ def test_api_overwrite_error_does_not_speak_cli():
 
 def test_html_report_is_self_contained_and_renders(tmp_path):
     page = tmp_path / "r.html"
-    pipeline = "fold-batchnorm,prune-initializers,share-weights(bits=2),remove-neurons(ratio=0.3)"
+    pipeline = "fold-batchnorm,prune-initializers,remove-neurons(ratio=0.3),share-weights(bits=2)"
     result = onnxopt.optimize(CNN, pipeline, data=DATA, budget="cosine>=0.95")
     from onnxopt.report import write_report
 

@@ -1,6 +1,14 @@
 """Benchmark share-weights: file size, deflate size, accuracy and k-means time.
 
-Usage: ``python tools/bench_codebook.py`` (70-90 s on 2 cores). Prints markdown:
+Usage: ``python tools/bench_codebook.py`` (digits + 10 M MatMul, 70-90 s on 2 cores);
+``--zoo`` adds the real models (``tools/fetch_zoo.py``; several minutes);
+``--only zoo`` runs that table alone, ``--pipelines 'A;B'`` only those of its pipelines;
+``--big 0`` leaves out the 10 M MatMul. Prints markdown:
+
+0. (``--zoo``) the zoo models through ``share-weights`` pipelines, with the zoo's
+   calibration file as ``--data`` and the evaluation file (never seen by the pass) for
+   the figures: file and deflated size vs fp32, worst-output cosine and the task metric
+   (``tools/bench_zoo.py``'s), each step's status, wall time of the ``optimize`` call;
 
 1. the sample models through several ``share-weights`` pipelines (defaults and the
    alternatives they were chosen over) — file size as a fraction of the fp32 file (the
@@ -18,6 +26,7 @@ Usage: ``python tools/bench_codebook.py`` (70-90 s on 2 cores). Prints markdown:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -35,19 +44,29 @@ from onnxopt.model import compressed_size
 from onnxopt.runtime import make_session
 
 ROOT = Path(__file__).resolve().parent.parent
+ZOO_MODELS = ("ppocr-cls", "ppocr-det", "ppocr-rec", "vad", "vad-if", "minilm")
+ZOO_PIPELINES = [
+    ("share-weights(bits=4)", "none"),
+    ("share-weights(bits=4,feedback=false)", "none"),
+    ("share-weights(bits=4,calibrate=false)", "none"),
+    ("share-weights(bits=4,granularity=tensor,pool_bits=8,calibrate=false)", "none"),
+    ("share-weights(bits=8)", "none"),
+    ("share-weights(bits=auto)", None),
+]
+CLS_PRUNED = [
+    ("prune-initializers(sparsity=0.8),share-weights(bits=4)", "none"),
+    ("prune-initializers(sparsity=0.8),share-weights(bits=4),distill", "none"),
+]
 MODELS = ROOT / "models"
 TRAIN = str(MODELS / "digits_train.npz")
 PIPELINES = [
     "share-weights(bits=4)",
     "share-weights(bits=4),compact",
-    "share-weights(bits=4,scope=weights)",
-    "share-weights(bits=4,scope=weights),compact",
-    "share-weights(bits=4,init=linear)",
-    "share-weights(bits=4,init=density)",
+    "share-weights(bits=4,feedback=false)",
+    "share-weights(bits=4,calibrate=false)",
+    "share-weights(bits=4,granularity=tensor,pool_bits=8,calibrate=false)",
     "share-weights(bits=4,upgrade_opset=false)",
-    "share-weights(bits=4,granularity=channel)",
     "share-weights(bits=8)",
-    "share-weights(bits=8,init=density)",
     "compact",
 ]
 PRUNED_SHARE = [
@@ -182,15 +201,79 @@ def big_table(rows: int, cols: int) -> None:
         )
 
 
+def zoo_row(name: str, source: Path, data, pipeline: str, budget: str | None, tmp) -> str:
+    import bench_zoo
+
+    calib, evaluation = data
+    started = time.perf_counter()
+    try:
+        result = onnxopt.optimize(str(source), pipeline, data=str(calib), budget=budget)
+    except Exception as exc:  # a pipeline that cannot run here is a row, not a crash
+        return f"| {name} | `{pipeline}` | {budget or 'default'} | error: {exc} | | | | | |"
+    wall = time.perf_counter() - started
+    out = Path(tmp) / f"{name}.onnx"
+    result.save(out)
+    fp32 = onnx.load(str(source), load_external_data=False)
+    feeds = bench_zoo._feeds(Path(evaluation), fp32)
+    quality = bench_zoo.fidelity(name, str(source), str(out), feeds)
+    size = out.stat().st_size / source.stat().st_size
+    deflate = bench_zoo._deflated(source) / bench_zoo._deflated(out)
+    steps = "; ".join(
+        s["status"] + (f" ({s['reason'][:60]})" if s["status"] != "accepted" else "")
+        for s in result.steps
+    )
+    return (
+        f"| {name} | `{pipeline}` | {budget or 'default'} | {size:.3f} | {deflate:.2f}x "
+        f"| {quality['cosine']:.4f} | {quality['task']} {quality['task_value']:.3f} "
+        f"| {wall:.1f} | {steps} |"
+    )
+
+
+def zoo_table(models: list[str], chosen: list[str] | None = None) -> None:
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import fetch_zoo
+    import zoo_data
+
+    paths, data = fetch_zoo.ensure(models), zoo_data.ensure(models)
+    print(
+        "| model | pipeline | budget | file (x fp32) | deflate ratio | worst cosine (eval) "
+        "| task metric (eval) | wall s | steps |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="onnxopt-bench-codebook-") as tmp:
+        for name in models:
+            pipelines = ZOO_PIPELINES + (CLS_PRUNED if name == "ppocr-cls" else [])
+            if chosen is not None:
+                pipelines = [(p, b) for p, b in pipelines if p in chosen]
+            for pipeline, budget in pipelines:
+                print(zoo_row(name, paths[name], data[name], pipeline, budget, tmp), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--big", default="2500x4000", help="rows x cols of the big MatMul")
+    parser.add_argument(
+        "--big", default="2500x4000", help="rows x cols of the big MatMul (0: no such table)"
+    )
     parser.add_argument("--skip-samples", action="store_true")
+    parser.add_argument("--zoo", action="store_true", help="also the real models")
+    parser.add_argument("--only", choices=("zoo",), help="run one table alone")
+    parser.add_argument("--models", default=",".join(ZOO_MODELS), help="zoo models")
+    parser.add_argument(
+        "--pipelines", help="zoo pipelines to run, ';'-separated (default: all of them)"
+    )
     args = parser.parse_args()
+    if args.zoo or args.only == "zoo":
+        chosen = args.pipelines.split(";") if args.pipelines else None
+        zoo_table(args.models.split(","), chosen)
+    if args.only:
+        return
     if not args.skip_samples:
         sample_table()
-    rows, cols = (int(v) for v in args.big.lower().split("x"))
-    big_table(rows, cols)
+    if args.big != "0":
+        rows, cols = (int(v) for v in args.big.lower().split("x"))
+        big_table(rows, cols)
 
 
 if __name__ == "__main__":

@@ -557,7 +557,7 @@ def default_space(model: onnx.ModelProto, *, distill: bool | None = None) -> Sea
                 latency=False,
             )
         )
-    granularity = Choice(("tensor", "channel"))
+    granularity = Choice(("auto", "tensor", "channel"))  # auto: share-weights' default
     weights.append(_alt("share-weights", bits=Range(2, 8, 1, anchor=4), granularity=granularity))
     weights.append(_alt("quantize-int4", block_size=Choice((32, 16, 64, 128))))
     notes.append(f"quantize-int4: {', '.join(sorted(by_op))} weights")
