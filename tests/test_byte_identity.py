@@ -144,14 +144,14 @@ PINS: dict[str, dict[str, str]] = {
     },
     "share-weights": {
         "mlp": "820d39fb7c514850248c5b9e85c506a4de40bfc50e522840736bc5b8033cea01",
-        "cnn": "ffac36c9b35f3ef4ccec87d8343526ebf324f928bdb1894065ebefbe77602281",
-        "transformer": "c874a07170cd34d7da6225e8c70a2a6b3677798ae59b1b9c22331f6624d8ff4d",
+        "cnn": "206e1ff0e01802fe29adda2fc57ac42e04708ae3fd017159efd10dbb95d3eab8",
+        "transformer": "e8ce4120ce7d7155f51d940e3019388c76409eefc540fa11c5a7f752b772f94b",
         "op11": "820d39fb7c514850248c5b9e85c506a4de40bfc50e522840736bc5b8033cea01",
     },
     "share-weights(granularity=channel,scope=weights)": {
         "mlp": "0fd27640239f9ff11941af89eaa7e5887379980cbee845f65d94ef5d1e376e60",
-        "cnn": "15dd83160ecededf882ff37275e1a26fa82ca95cc630717ca06fd95b0cbc05b8",
-        "transformer": "9086d965bfb47a1ef9cd3271c9baa226542c4b2b2c2fcb0660ac109bdd50f2ba",
+        "cnn": "caf11479b36aa924551200856417f942566fcc2dfacd9627aebbb9f7b0bef38c",
+        "transformer": "b7efd37adca01d6056b05a29caa49993a3be57ba081d957e317c01deac2ef933",
         "op11": "0fd27640239f9ff11941af89eaa7e5887379980cbee845f65d94ef5d1e376e60",
     },
     "upgrade-opset": {

@@ -457,3 +457,18 @@ def test_auto_allocation_spends_bits_where_the_gain_is():
     total = loud.predicted(widths["loud"]) + quiet.predicted(widths["quiet"])
     assert total <= 0.01
     assert allocate([loud, quiet], target=10.0) == {"loud": 2, "quiet": 2}
+
+
+def test_auto_granularity_spends_channel_codebooks_only_where_they_are_cheap():
+    """A channel's codebook is worth half its indices at 4 bits, an eighth at 8 bits."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 21]>
+    g (float[N, 512] x) => (float[N, 64] y) { y = MatMul(x, w) }
+    """
+    rng = np.random.default_rng(9)
+    model = with_initializers(text, w=rng.standard_normal((512, 64)).astype(np.float32))
+    _, low = share(model, bits=4)
+    _, high = share(model, bits=8)
+    assert records(low)["w"]["granularity"] == "channel"  # 64 codebook bytes, 256 index
+    assert records(high)["w"]["granularity"] != "channel"  # 1,024 codebook bytes, 512 index
+    assert records(high)["w"]["bytes_after"] < 512 * 64 + 64 * 1024

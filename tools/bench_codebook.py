@@ -55,6 +55,7 @@ ZOO_PIPELINES = [
 ]
 CLS_PRUNED = [
     ("prune-initializers(sparsity=0.8),share-weights(bits=4)", "none"),
+    ("fold-batchnorm,prune-initializers(sparsity=0.8),share-weights(bits=4)", "none"),
     ("prune-initializers(sparsity=0.8),share-weights(bits=4),distill", "none"),
 ]
 MODELS = ROOT / "models"

@@ -41,7 +41,8 @@ Granularity (``granularity=auto``, the default): rows are output channels (Conv 
 0, ConvTranspose 1, Gemm/MatMul the output-feature axis, LSTM weights their gate rows,
 Gather tables their rows — a table row is read whole, like a filter). A weight gets
 one codebook **per channel** when a channel's codebook (``2**bits`` values) costs at
-most half its indices (rows of >= 256 float32 at 4 bits); otherwise one codebook with
+most ``CHANNEL_SHARE`` (half) of its indices at 2-4 bits (rows of >= 256 float32 at 4
+bits), ``CHANNEL_SHARE_HIGH`` (an eighth) above; otherwise one codebook with
 one **scale** per channel (each row divided by its largest magnitude, so no channel is
 crushed by another's range: BatchNorm-folded weights have row scales 1e-3..1) when
 that makes the mean relative row error ``SCALED_GAIN`` times smaller than one codebook
@@ -116,6 +117,12 @@ UINT4_IR = 10  # first IR version with the UINT4 data type
 # error this many times smaller than one codebook. 1.5 (to save the scales' bytes on tiny
 # models) cost PP-OCR det 0.977 -> 0.969 worst-output cosine: any gain counts.
 SCALED_GAIN = 1.0
+# granularity=auto: one codebook per channel when it costs at most this share of the
+# channel's indices: half at 2-4 bits (what keeps PP-OCR and MiniLM above cosine 0.98),
+# an eighth above 4 bits, where one scaled codebook is within round-off already and 4,000
+# channels x 256 entries made the 10 M MatMul's 8-bit file 2.83x smaller instead of 4x
+CHANNEL_SHARE = 0.5
+CHANNEL_SHARE_HIGH = 0.125
 
 
 @register_pass
@@ -136,7 +143,8 @@ class ShareWeightsPass(Pass):
             "auto",
             "one codebook per tensor; per output channel; scaled = one codebook, one scale "
             "per output channel; auto = channel where a channel's codebook costs at most "
-            "half its indices, else scaled when it balances the rows, else tensor",
+            "half its indices (an eighth above 4 bits), else scaled when it balances the "
+            "rows, else tensor",
         )
         scope: Literal["weights", "all"] = option(
             "all",
@@ -416,13 +424,15 @@ class ShareWeightsPass(Pass):
         form, axis = self._granularity(candidate, values, bits)
         reader = found.readers.get(candidate.tensor.name) if found else None
         correctable = reader is not None and calibration.has_bias_slot(reader)
-        importance = found.importance(candidate.tensor.name, correctable) if found else None
-        settings = dict(init=opts.init, max_iter=opts.max_iter, weights=importance)
         key = (candidate.tensor.name, bits)
         if key in self._encodings:
             return self._encodings[key]
+        hessian = _usable_hessian(found, candidate.tensor.name)
+        importance = None  # with feedback, unweighted k-means (passes/codebook/feedback.py)
+        if found is not None and hessian is None:
+            importance = found.importance(candidate.tensor.name, correctable)
+        settings = dict(init=opts.init, max_iter=opts.max_iter, weights=importance)
         encoded, _ = self._encode_fresh(values, bits, form, axis, settings, correctable)
-        hessian = found.hessians.get(candidate.tensor.name) if found else None
         if hessian is not None:
             encoded = feedback.refine(encoded, values, hessian, correctable)
         self._encodings[key] = encoded, correctable
@@ -453,8 +463,9 @@ class ShareWeightsPass(Pass):
         if wanted != "auto":
             return wanted, axis
         row = values.size // values.shape[axis]
-        # a channel's own codebook (2^bits values) costs at most half its indices
-        if row * bits >= 16 * 2**bits * values.dtype.itemsize:
+        # a channel's own codebook (2^bits values) costs at most this share of its indices
+        share = CHANNEL_SHARE if bits <= 4 else CHANNEL_SHARE_HIGH
+        if share * row * bits / 8 >= 2**bits * values.dtype.itemsize:
             return "channel", axis
         if self.options.materialize or values.dtype == np.float16:
             return "tensor", None  # few distinct values / no float16 products
@@ -496,6 +507,7 @@ class ShareWeightsPass(Pass):
         else:
             names = rewriter.rewire(tensor, encoded, index_bits)
         record = stats(values, shared, encoded)
+        fed = _usable_hessian(found, tensor.name) is not None
         axis = None
         if encoded.granularity != "tensor":
             axis = candidate.row_axis(values.ndim)
@@ -507,7 +519,8 @@ class ShareWeightsPass(Pass):
             granularity=encoded.granularity,
             axis=axis,
             index_bits=index_bits or None,
-            weighted=bool(found and tensor.name in found.readers),
+            weighted=bool(found and tensor.name in found.readers) and not fed,
+            feedback=fed,
             bias_corrected=corrected,
             bytes_before=int(values.nbytes),
             bytes_after=int(bytes_after),
@@ -563,6 +576,12 @@ def _relative_error(values: np.ndarray, shared: np.ndarray, importance) -> float
     weights = 1.0 if importance is None else np.broadcast_to(importance, values.shape)
     power = float(np.sum(weights * exact * exact))
     return float(np.sum(weights * delta * delta)) / power if power > 0 else 0.0
+
+
+def _usable_hessian(found, name: str) -> feedback.Hessian | None:
+    """The Hessian the error feedback uses for weight ``name``, or None."""
+    hessian = found.hessians.get(name) if found else None
+    return hessian if hessian is not None and hessian.usable() else None
 
 
 def _count_widths(widths: dict[str, int]) -> dict[str, int]:

@@ -19,13 +19,14 @@ that meets the step's budget.
    weight no codebook serves. Bytes are the stored ones, plus a small term for the
    index bits themselves (equal-size widths: the fewer bits, which also deflate better).
 3. **Check.** The allocation is applied to a copy of the graph and measured exactly as
-   the PassManager will (``ctx.evaluate``): within budget, it is kept, and ``D`` grows
-   toward the measured margin once for a smaller file; over budget, ``D`` shrinks by
-   the measured excess (by ``OTHER_MISS`` when the cosine was within its allowance and
-   another criterion, such as top-1 agreement, failed) and the search runs again (at
-   most ``MAX_TRIALS`` checks). The step is never above its budget when a trial
-   passed; when none did, the most accurate allocation tried is returned and the
-   manager rolls it back as usual.
+   the PassManager will (``ctx.evaluate``). Within budget with room to spare, ``D``
+   grows toward the measured margin; over budget, it shrinks by the measured excess
+   (by ``OTHER_MISS`` when the cosine was within its allowance and another criterion,
+   such as top-1 agreement, failed). Once a passing and a failing ``D`` are known, the
+   next is their geometric mean, until they are ``BRACKET`` apart (at most
+   ``MAX_TRIALS`` checks). The smallest passing trial is kept: the step is never above
+   its budget when a trial passed; when none did, the most accurate allocation tried
+   is returned and the manager rolls it back as usual.
 
 ``D`` starts at the budget's ``1 - cosine`` in noise-to-signal terms (``~2 (1 - cos)``),
 halved (0.01 for the default ``cosine>=0.99``; a budget without a cosine term is taken
@@ -47,12 +48,13 @@ REFERENCE_BITS = 4
 WIDTHS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16: the weight stays, as float16
 HALF_ERROR = 2.0**-24  # relative squared error of float16 rounding (~72 dB)
 SENSITIVITY_SAMPLES = 8
-MAX_TRIALS = 5
+MAX_TRIALS = 6
 START_SHARE = 0.5  # of the budget's 1 - cosine, before any check
 INDEX_BIT_WEIGHT = 0.05  # bytes per index byte in the objective: ties go to fewer bits
 SQUASHING = ("Softmax", "Sigmoid", "HardSigmoid", "LogSoftmax")
 PASSING = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
 OTHER_MISS = 0.25  # target factor after a trial missed a criterion other than cosine
+BRACKET = 1.5  # stop when the failing / passing targets are this close
 GAIN_FLOOR = 0.01  # x the median gain: a weight whose single effect is lost in round-off
 
 
@@ -200,29 +202,40 @@ def search(
     target = START_SHARE * 2 * allowance  # noise-to-signal ~ 2 (1 - cosine)
     trials: list[Trial] = []
     tried: set[tuple] = set()
-    grown = False
+    passed, failed = 0.0, float("inf")  # largest passing / smallest failing target
     for _ in range(4 * MAX_TRIALS):
-        if len(trials) == MAX_TRIALS:
+        if len(trials) == MAX_TRIALS or failed / max(passed, 1e-300) < BRACKET:
             break
         widths = allocate(weights, target)
         key = tuple(sorted(widths.items()))
-        if key in tried:  # the same widths again: move further the way the last check said
-            if trials and trials[-1].ok:
+        if key in tried:  # the same widths again: nothing new to learn at this target
+            if passed and failed < float("inf"):
                 break
-            target *= 0.5
+            target = target * 4.0 if passed else target * 0.5
             continue
         tried.add(key)
         ok, worst, size = check(widths)
         trials.append(Trial(widths, worst, ok, size))
-        if ok and (grown or not np.isfinite(worst) or worst > 0.6 * allowance):
-            break
-        if ok:  # a clear margin: spend some of it once
-            grown = True
-            target *= min(4.0, 0.85 * allowance / max(worst, 1e-12))
-        elif np.isfinite(worst) and worst > allowance:
-            target *= min(0.7, 0.85 * allowance / worst)
-        else:  # over budget on another criterion (top-1, ...): no measure of how far
-            target *= OTHER_MISS
+        if ok:
+            passed = max(passed, target)
+            if failed == float("inf") and np.isfinite(worst) and worst > 0.6 * allowance:
+                break  # little margin left and nothing above tried: done
+        else:
+            failed = min(failed, target)
+        target = _next_target(target, ok, worst, allowance, passed, failed)
     passing = [t for t in trials if t.ok]
     best = min(passing, key=lambda t: t.size) if passing else None
     return best, trials
+
+
+def _next_target(target, ok, worst, allowance, passed, failed) -> float:
+    """Between a passing and a failing target: their geometric mean; otherwise scaled
+    by the measured margin or excess (by ``OTHER_MISS`` after a miss on a criterion
+    other than cosine, which says nothing of how far it was)."""
+    if passed and failed < float("inf"):
+        return float(np.sqrt(passed * failed))
+    if ok:
+        return target * min(4.0, 0.85 * allowance / max(worst, 1e-12))
+    if np.isfinite(worst) and worst > allowance:
+        return target * min(0.7, 0.85 * allowance / worst)
+    return target * OTHER_MISS
