@@ -52,8 +52,9 @@ for the **tensor** does; else the tensor's single codebook. float16 weights and
 Calibration (``calibrate=true`` and calibration samples, ``passes/codebook/calibration.py``):
 each weight's importance is the variance of the input feature it reads (read counts
 for table rows), and k-means weighs each value by it (SqueezeLLM-style sensitivity
-weighting); with ``feedback=true`` the indices of Conv/Gemm/MatMul weights are then
-chosen column by column, each column's error fed forward through the inputs'
+weighting) where no error feedback runs; with ``feedback=true`` the indices of
+Conv/Gemm/MatMul weights (with enough calibration rows; their k-means is unweighted)
+are chosen column by column, each column's error fed forward through the inputs'
 covariance (GPTQ's error feedback with codebook snapping, ``passes/codebook/feedback.py``);
 then the output channels' mean shift ``sum_i dW[o, i] mu_i`` is subtracted from the
 following bias (Conv/Gemm bias, the Add after a MatMul, the running mean of a
@@ -84,7 +85,8 @@ encodings that would not be smaller than the tensor, float16 values float16 cann
 
 Reported per tensor in ``details["tensors"]``: bits, granularity (tensor, channel,
 scaled, pool, float16), axis, index/codebook names, codebooks, MSE and SQNR, zeros
-kept, whether importances weighed the k-means and which bias took the correction,
+kept, whether importances weighed the k-means (``weighted``) or error feedback chose the
+indices (``feedback``; then the k-means is unweighted), which bias took the correction,
 k-means iterations and seconds, bytes before/after.
 """
 
