@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -24,17 +23,14 @@ from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from onnxopt.model import initializers_as_inputs, sparse_to_dense, stored_path
 from onnxopt.store import active_store, wrap_stored
+from onnxopt.weights import WEIGHT_INPUTS as WEIGHT_INPUTS
+from onnxopt.weights import WeightRef as WeightRef
+from onnxopt.weights import eligible_weights
 
 log = logging.getLogger(__name__)
 
-# Inputs that carry trainable weights, per op type: (input index, role).
-WEIGHT_INPUTS: dict[str, tuple[tuple[int, str], ...]] = {
-    "Conv": ((1, "weight"), (2, "bias")),
-    "ConvTranspose": ((1, "weight"), (2, "bias")),
-    "Gemm": ((0, "weight"), (1, "weight"), (2, "bias")),
-    "MatMul": ((0, "weight"), (1, "weight")),
-    "Gather": ((0, "embedding"),),
-}
+# The weight-role table lives in onnxopt.weights; these names stay importable from here.
+weight_refs = eligible_weights
 
 _CONSTANT_VALUE_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_ints")
 
@@ -335,30 +331,6 @@ def is_topologically_sorted(graph: gs.Graph) -> bool:
                 return False
         seen.add(id(node))
     return True
-
-
-@dataclass(frozen=True)
-class WeightRef:
-    """A constant input of a weight-bearing node."""
-
-    node: gs.Node
-    index: int
-    role: str  # "weight" | "bias" | "embedding"
-
-    @property
-    def tensor(self) -> gs.Constant:
-        return self.node.inputs[self.index]
-
-
-def weight_refs(graph: gs.Graph, op_types: Iterable[str] | None = None) -> Iterator[WeightRef]:
-    """Constant weight/bias inputs of Conv/ConvTranspose/Gemm/MatMul/Gather nodes."""
-    wanted = set(op_types) if op_types is not None else set(WEIGHT_INPUTS)
-    for node in graph.nodes:
-        if node.op not in wanted:
-            continue
-        for index, role in WEIGHT_INPUTS.get(node.op, ()):
-            if index < len(node.inputs) and isinstance(node.inputs[index], gs.Constant):
-                yield WeightRef(node, index, role)
 
 
 def constants(graph: gs.Graph) -> list[gs.Constant]:

@@ -34,12 +34,14 @@ SAMPLE_MODELS = ("digits_mlp", "digits_cnn", "digits_transformer", "digits_mlp_o
 PIPELINES = (
     "cleanup",
     "clip-weights",
+    "clip-weights(granularity=channel,percentile=90)",
     "compact",
     "dedupe-initializers",
     "fold-batchnorm",
     "fold-constants",
     "prune-initializers",
     "prune-initializers(sparsity=0.8,store=sparse)",
+    "prune-initializers(method=wanda,pattern=2:4)",
     "quantize-int4",
     "quantize-int4(format=matmulnbits)",
     "quantize-int8(latency=false)",
@@ -69,6 +71,12 @@ PINS: dict[str, dict[str, str]] = {
         "cnn": "729f551e0038e7488785b5a7561d12767154435afbc89ac97757d20d281fb1e7",
         "transformer": "f5f2c5c5cb4d3063fd80879d5e95684cc25467ec3ef2b749ce0d9a215e7b49e2",
         "op11": "b0f883c1a5587e7818c8cc882f6d609870efde24f19cb3b404428b78dbec684d",
+    },
+    "clip-weights(granularity=channel,percentile=90)": {
+        "mlp": "63c0dc505557c4acc29e11e0bfef74f731feca00738e5ff7c155f546abf264b3",
+        "cnn": "6c238318d297eeb5c1554788aec65e51fcd4cfc9fa837c55fd23cd61674704b2",
+        "transformer": "a674ebb136bdb7a8159e538c2b43cd3adf120c7006b180b771bea9b247368437",
+        "op11": "78e5421d115df03f6742c38e89ee979c88d7c8e5302e12a257e341eff947a8ff",
     },
     "compact": {
         "mlp": "27e9a0b4279d8bc7c8038a14572f53f650115c9cc2876ff94385de7dd7251761",
@@ -105,6 +113,12 @@ PINS: dict[str, dict[str, str]] = {
         "cnn": "63a0b61ca3b9f3090ceac353e39d95850c3afa8f17a76dc93c96e4391eadb763",
         "transformer": "516e76222182b4c4dddba1920b66614be28831fc7f0f4d9845e21a799e27e8c3",
         "op11": "6b1683c8d945a75248bde6e23f16fdba6b8dc700172f10724d5be2ecfa69c055",
+    },
+    "prune-initializers(method=wanda,pattern=2:4)": {
+        "mlp": "9182dc16b78ecdc9ed50ce5479599308a2ba169e8bc00aace785748f473ab121",
+        "cnn": "8b4d7b9b708d2e90032cffcf4c0af36af3db05224157f36db5eadb4ef6d47c4a",
+        "transformer": "f99f2953509aad1dd0e2f4a92eaf5beb6a1e407719bafdbddc9711b188080ad5",
+        "op11": "3ba8c22321781b0ce2184485d7c620a515db36a433d991d828cf607758f503ee",
     },
     "quantize-int4": {
         "mlp": "5b1bd1e116667687a088d2b8fed2c884d10d8d3bbb7a26ddbe22fff934d130c1",

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import WEIGHT_INPUTS, WeightRef, iter_nodes
+from onnxopt.graph import iter_nodes
 from onnxopt.pipeline import matches_any
+from onnxopt.weights import WEIGHT_ROLES, WeightRef
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 SHARED_ROLES = ("weight", "embedding")
@@ -82,7 +83,7 @@ class Candidate:
         return [
             WeightRef(node, index, role)
             for node, index in self.uses
-            for position, role in WEIGHT_INPUTS.get(node.op, ())
+            for position, role in WEIGHT_ROLES.get(node.op, ())
             if position == index and role in SHARED_ROLES
         ]
 
@@ -111,7 +112,7 @@ class Candidate:
         layout ops (torch's recurrent weights: gates x hidden rows), None for rank < 2."""
         refs = self.weight_refs
         if refs:
-            return _channel_axis(refs[0], rank)
+            return refs[0].output_axis(rank) if rank >= 2 else None
         return 0 if rank >= 2 else None
 
 
@@ -232,7 +233,7 @@ def _weight_read(node: gs.Node, index: int) -> bool:
         return True
     return any(
         position == index and role in SHARED_ROLES
-        for position, role in WEIGHT_INPUTS.get(node.op, ())
+        for position, role in WEIGHT_ROLES.get(node.op, ())
     )
 
 
@@ -246,25 +247,6 @@ def _is_float(tensor: gs.Constant) -> bool:
         return np.dtype(tensor.export_dtype) in FLOAT_DTYPES
     except TypeError:  # bfloat16, float8, 4-bit types have no numpy dtype here
         return False
-
-
-def _channel_axis(ref: WeightRef, rank: int) -> int | None:
-    """The output-channel axis of a weight, or None (one codebook) for rank < 2."""
-    if rank < 2:
-        return None
-    node = ref.node
-    if node.op == "Conv":
-        return 0
-    if node.op == "ConvTranspose":
-        return 1
-    if node.op == "Gemm":
-        transposed = int(node.attrs.get("transB" if ref.index == 1 else "transA", 0))
-        if ref.index == 1:
-            return 0 if transposed else 1
-        return 1 if transposed else 0
-    if node.op == "MatMul":
-        return rank - 1 if ref.index == 1 else rank - 2
-    return int(node.attrs.get("axis", 0)) % rank  # Gather: a table row is read whole
 
 
 def _is_reconstruction(node: gs.Node, depth: int = 3) -> bool:

@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.passes.neurons import magnitudes as mag
 from onnxopt.passes.neurons.groups import ChannelGraph
 from onnxopt.passes.neurons.layout import Layout, normalize_axis
+from onnxopt.weights import output_axis, reduction_axes
 
 Handler = Callable[[gs.Node, ChannelGraph], None]
 HANDLERS: dict[str, Handler] = {}
@@ -100,9 +101,10 @@ def _conv(node: gs.Node, cg: ChannelGraph) -> None:
         cg.contribute(layout.atoms, lambda norm: mag.conv_inputs(weight.values, group, norm))
         if group > 1:
             cg.constrain(np.split(layout.atoms, group), f"grouped {_name(node)} (group={group})")
-    const = _consts_of_weight(weight.values, 0) if cg.track_constants else None
+    axis = output_axis(node, 1, len(shape))
+    const = _consts_of_weight(weight.values, axis) if cg.track_constants else None
     out = cg.new_producer(node, out_channels, 1, len(shape), const)
-    cg.contribute(out.atoms, lambda norm: mag.rows(weight.values, 0, norm))
+    cg.contribute(out.atoms, lambda norm: mag.rows(weight.values, axis, norm))
     if group > 1:
         cg.constrain(np.split(out.atoms, group), f"grouped {_name(node)} (group={group})")
     cg.mac_term(node, layout, out)
@@ -174,21 +176,22 @@ def _gemm(node: gs.Node, cg: ChannelGraph) -> None:
     if c is not None and not isinstance(c, gs.Constant):
         cg.block(node, "C is not a constant")
         return
-    trans_a, trans_b = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
-    k, n = (b.shape[1], b.shape[0]) if trans_b else (b.shape[0], b.shape[1])
+    trans_a = int(node.attrs.get("transA", 0))
+    n_axis, (k_axis,) = output_axis(node, 1, 2), reduction_axes(node, 1, 2)
+    k, n = b.shape[k_axis], b.shape[n_axis]
     layout = cg.layout(a)
     if layout is not None and (trans_a or layout.axis != 1 or len(layout) != k):
         cg.block(node, "A's tracked axis is not its K axis")
         layout = None
     if layout is not None:
         cg.sink(node, 0, layout)
-        cg.contribute(layout.atoms, lambda norm: mag.rows(b.values, 1 if trans_b else 0, norm))
+        cg.contribute(layout.atoms, lambda norm: mag.rows(b.values, k_axis, norm))
     const = None
     if cg.track_constants:
         bias_rows = 1 if c is None else (c.values.shape[0] if c.values.ndim == 2 else 1)
-        const = _consts_of_weight(b.values, 0 if trans_b else 1) & (bias_rows == 1)
+        const = _consts_of_weight(b.values, n_axis) & (bias_rows == 1)
     out = cg.new_producer(node, n, 1, 2, const)
-    cg.contribute(out.atoms, lambda norm: mag.rows(b.values, 0 if trans_b else 1, norm))
+    cg.contribute(out.atoms, lambda norm: mag.rows(b.values, n_axis, norm))
     cg.mac_term(node, layout, out)
 
 
@@ -213,13 +216,14 @@ def _matmul_weight(node, cg: ChannelGraph, a, b, rank_a: int) -> None:
     if layout is not None and (layout.axis != rank_a - 1 or len(layout) != b.shape[-2]):
         cg.block(node, "the tracked axis is not the contracted one")
         layout = None
+    n_axis, (k_axis,) = output_axis(node, 1, len(b.shape)), reduction_axes(node, 1, len(b.shape))
     if layout is not None:
         cg.sink(node, 0, layout)
-        cg.contribute(layout.atoms, lambda norm: mag.rows(b.values, -2, norm))
+        cg.contribute(layout.atoms, lambda norm: mag.rows(b.values, k_axis, norm))
     rank = len(b.shape) - 1 if rank_a == 1 else max(rank_a, len(b.shape))
-    const = _consts_of_weight(b.values, -1) if cg.track_constants else None
-    out = cg.new_producer(node, b.shape[-1], rank - 1, rank, const)
-    cg.contribute(out.atoms, lambda norm: mag.rows(b.values, -1, norm))
+    const = _consts_of_weight(b.values, n_axis) if cg.track_constants else None
+    out = cg.new_producer(node, b.shape[n_axis], rank - 1, rank, const)
+    cg.contribute(out.atoms, lambda norm: mag.rows(b.values, n_axis, norm))
     cg.mac_term(node, layout, out)
 
 

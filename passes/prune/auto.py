@@ -40,7 +40,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.passes.prune import refit as refitting
 from onnxopt.passes.prune.pruner import Outcome, Request
 from onnxopt.passes.prune.selection import zero_smallest
-from onnxopt.passes.prune.weights import Selection, eligible_weights, read_values
+from onnxopt.passes.prune.weights import Selection, read_values, select_weights
 from onnxopt.pipeline import PassContext
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def search(
 
     def passes(percent: int) -> bool:
         candidate = graph.copy()
-        picked = eligible_weights(candidate, *_eligibility(prune_pass))
+        picked = select_weights(candidate, *_eligibility(prune_pass))
         request = _request(picked, percent / 100, sensitivity)
         prune_pass.prune(candidate, picked, ctx, request, statistics=statistics)
         evaluation = ctx.evaluate(candidate)

@@ -41,8 +41,8 @@ from onnxopt.passes.prune.weights import (
     PRUNABLE_OPS,
     WeightTarget,
     check_ops,
-    eligible_weights,
     owned_values,
+    select_weights,
 )
 from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
 
@@ -73,7 +73,7 @@ class ClipWeightsPass(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         options = self.options
-        selection = eligible_weights(graph, options.ops, options.exclude, options.min_size)
+        selection = select_weights(graph, options.ops, options.exclude, options.min_size)
         stats, notes = [], []
         for target in selection.targets:
             if options.granularity == "channel" and target.layout is None:

@@ -75,7 +75,7 @@ from onnxopt.passes.prune import auto
 from onnxopt.passes.prune.pruner import Outcome, Pruner, Request, request_counts
 from onnxopt.passes.prune.selection import parse_pattern
 from onnxopt.passes.prune.storage import try_store_sparse
-from onnxopt.passes.prune.weights import PRUNABLE_OPS, Selection, check_ops, eligible_weights
+from onnxopt.passes.prune.weights import PRUNABLE_OPS, Selection, check_ops, select_weights
 from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class PruneInitializersPass(Pass):
 
     def _run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         options = self.options
-        selection = eligible_weights(graph, options.ops, options.exclude, options.min_size)
+        selection = select_weights(graph, options.ops, options.exclude, options.min_size)
         details: dict = {"skipped": selection.skipped}
         if options.sparsity == "auto":
             outcome, found = auto.search(graph, selection, ctx, self)

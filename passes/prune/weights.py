@@ -5,7 +5,8 @@ at least ``min_size`` elements, name and consumer names not matching ``exclude``
 not a graph output, and feeding **only** weight inputs of listed ops (a tensor also read
 as a bias, by an Add, a Reshape shape... is skipped and the reason reported). A tensor
 shared by several nodes is handled once. Each weight comes with its ``[rows, fan_in]``
-view (:func:`row_layout`): Conv ``W[O, I/g, k...]`` — rows are output channels;
+view (:func:`row_layout`: the output-channel and reduction axes of ``onnxopt.weights``):
+Conv ``W[O, I/g, k...]`` — rows are output channels;
 ConvTranspose ``W[I, O/g, k...]`` — rows are the ``g * O/g`` output channels, a row holds
 the ``I/g * k`` weights that feed it; Gemm B — ``transB=1``: ``B[N, K]`` rows,
 ``transB=0``: columns of ``B[K, N]``; Gemm A — rows of ``A[M, K]`` (columns when
@@ -22,10 +23,10 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from onnxopt.graph import WEIGHT_INPUTS
 from onnxopt.model import sparse_to_dense
 from onnxopt.passes.prune.selection import RowLayout
 from onnxopt.pipeline import matches_any
+from onnxopt.weights import eligible_weights, output_axis, reduction_axes, role_of
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -38,33 +39,32 @@ def check_ops(ops: tuple[str, ...]) -> None:
 
 
 def row_layout(node: gs.Node, index: int, shape: tuple[int, ...]) -> RowLayout | None:
-    """The ``[rows, fan_in]`` view of input ``index`` of ``node`` (None: unknown op/rank)."""
+    """The ``[rows, fan_in]`` view of input ``index`` of ``node`` (None: unknown op/rank,
+    or not a weight input): the output-channel axis of ``onnxopt.weights`` leads, its
+    reduction axes follow (MatMul's batch axes lead both)."""
     rank = len(shape)
-    ident = tuple(range(rank))
-    if node.op == "Conv" and rank >= 3:
-        return RowLayout(shape, shape, ident)
-    if node.op == "ConvTranspose" and rank >= 3:
+    if role_of(node, index) not in ("weight", "embedding"):
+        return None
+    if node.op == "ConvTranspose":
+        if rank < 3:
+            return None
         group = int(node.attrs.get("group", 1))
         if shape[0] % group:
             return None
+        # rows are the g * O/g output channels: group, then axis 1 (O/g) lead
         pre = (group, shape[0] // group, shape[1], *shape[2:])
         perm = (0, 2, 1, *range(3, rank + 1))
         return RowLayout(shape, pre, perm, row_axes=2)
-    if node.op == "Gemm" and rank == 2:
-        transposed = node.attrs.get("transA" if index == 0 else "transB", 0)
-        # A[M, K]: rows are M (transA=0); B[K, N]: rows are N (transB=1 stores B[N, K]).
-        rows_first = (not transposed) if index == 0 else bool(transposed)
-        return RowLayout(shape, shape, (0, 1) if rows_first else (1, 0))
-    if node.op == "MatMul" and rank >= 1:
-        if rank == 1:
-            return RowLayout(shape, (1, shape[0]), (0, 1))
-        if index == 0:  # A[..., M, K]: K is already last
-            return RowLayout(shape, shape, ident)
-        return RowLayout(shape, shape, (*range(rank - 2), rank - 1, rank - 2))
-    if node.op == "Gather" and rank >= 1:
-        axis = int(node.attrs.get("axis", 0)) % rank
-        return RowLayout(shape, shape, (axis, *[a for a in ident if a != axis]))
-    return None
+    if node.op == "MatMul" and rank == 1:
+        return RowLayout(shape, (1, shape[0]), (0, 1))
+    if node.op == "Conv" and rank < 3:
+        return None
+    out = output_axis(node, index, rank)
+    if out is None:
+        return None
+    reduced = reduction_axes(node, index, rank)
+    batch = tuple(axis for axis in range(rank) if axis != out and axis not in reduced)
+    return RowLayout(shape, shape, (*batch, out, *reduced))
 
 
 @dataclass
@@ -130,30 +130,30 @@ class Selection:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
-def eligible_weights(
+def select_weights(
     graph: gs.Graph, ops: tuple[str, ...], exclude: tuple[str, ...], min_size: int
 ) -> Selection:
     """The weight tensors a pass may rewrite, each once, plus the reasons others were not."""
     selection = Selection()
     seen: set[int] = set()
     outputs = {id(t) for t in graph.outputs}
-    for node in graph.nodes:
-        if node.op not in ops:
-            continue
-        for index, role in WEIGHT_INPUTS[node.op]:
-            tensor = node.inputs[index] if index < len(node.inputs) else None
-            if role == "bias" or not isinstance(tensor, gs.Constant) or id(tensor) in seen:
-                continue
+    for ref in eligible_weights(graph, ops, roles=("weight", "embedding")):
+        tensor = ref.tensor
+        if id(tensor) not in seen:
             seen.add(id(tensor))
-            reason = _ineligible_reason(tensor, ops, exclude, min_size, id(tensor) in outputs)
-            if reason:
-                selection.skipped.append({"tensor": tensor.name, "reason": reason})
-                continue
-            uses = _uses(tensor)
-            layouts = {row_layout(n, i, tuple(tensor.shape)) for n, i in uses}
-            layout = layouts.pop() if len(layouts) == 1 else None
-            selection.targets.append(WeightTarget(tensor, uses, layout))
+            _select(selection, tensor, ops, exclude, min_size, id(tensor) in outputs)
     return selection
+
+
+def _select(selection: Selection, tensor: gs.Constant, ops, exclude, min_size, is_out) -> None:
+    reason = _ineligible_reason(tensor, ops, exclude, min_size, is_out)
+    if reason:
+        selection.skipped.append({"tensor": tensor.name, "reason": reason})
+        return
+    uses = _uses(tensor)
+    layouts = {row_layout(n, i, tuple(tensor.shape)) for n, i in uses}
+    layout = layouts.pop() if len(layouts) == 1 else None
+    selection.targets.append(WeightTarget(tensor, uses, layout))
 
 
 def _uses(tensor: gs.Tensor) -> list[tuple[gs.Node, int]]:
@@ -174,8 +174,7 @@ def _ineligible_reason(
     if matches_any(tensor.name, exclude):
         return "name matches exclude"
     for node, index in _uses(tensor):
-        roles = dict(WEIGHT_INPUTS.get(node.op, ()))
-        if node.op not in ops or roles.get(index) not in ("weight", "embedding"):
+        if node.op not in ops or role_of(node, index) not in ("weight", "embedding"):
             return f"also feeds {node.op} {node.name!r} input {index} (not a weight input)"
         if matches_any(node.name, exclude):
             return f"consumer {node.name!r} matches exclude"

@@ -84,6 +84,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnxopt.passes.quantize import calibrate, gptq, numerics, upgrade
 from onnxopt.passes.quantize.int4_grid import Grid, Layout, choose_scales, round_nearest
 from onnxopt.pipeline import Pass, PassContext, PassResult, matches_any, option, register_pass
+from onnxopt.weights import reduction_axes
 
 log = logging.getLogger(__name__)
 
@@ -218,15 +219,16 @@ class QuantizeInt4Pass(Pass):
         if node.op == "Gather":
             if int(node.attrs.get("axis", 0)) != 0:
                 return None
-            return Target(node, 0, Layout(1, opts.block_size), int4)
+            return Target(node, 0, Layout(reduction_axes(node, 0, 2)[0], opts.block_size), int4)
         if not isinstance(node.inputs[0], gs.Variable):
             return None
         if node.op == "Gemm":
-            axis = 1 if int(node.attrs.get("transB", 0)) else 0
+            (axis,) = reduction_axes(node, 1, 2)  # blocks run along K
             nbits = self._nbits(weight.values.shape[0]) and _gemm_is_matmul(node)
             return Target(node, 1, Layout(axis, opts.block_size), int4, matmulnbits=nbits)
         nbits = self._nbits(weight.values.shape[0])
-        return Target(node, 1, Layout(0, opts.block_size), int4, matmulnbits=nbits)
+        (axis,) = reduction_axes(node, 1, 2)
+        return Target(node, 1, Layout(axis, opts.block_size), int4, matmulnbits=nbits)
 
     def _conv_target(self, node: gs.Node, shape: tuple[int, ...]) -> Target | None:
         opts = self.options

@@ -64,6 +64,7 @@ from onnxopt.passes.quantize import (
     upgrade,
 )
 from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
+from onnxopt.weights import output_axis
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ QUANTIZED_OPS = (
     "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QAttention", "MatMulNBits",
     "GatherBlockQuantized",
 )  # fmt: skip
-WEIGHT_ONLY_AXES = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}
+WEIGHT_ONLY_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 class Calibration:
@@ -357,14 +358,16 @@ class QuantizeInt8Pass(Pass):
 
 
 def _weight_only_axis(node: gs.Node) -> int | None:
-    if len(node.inputs) < 2 or not qdq._const_float(node.inputs[1]):
+    """Input 1's output-channel axis (``onnxopt.weights``); None: not a float weight,
+    or a MatMul weight that is not a matrix."""
+    if node.op not in WEIGHT_ONLY_OPS or len(node.inputs) < 2:
+        return None
+    if not qdq._const_float(node.inputs[1]):
         return None
     weight = node.inputs[1].values
-    if node.op == "Gemm" and weight.ndim == 2:
-        return qdq._gemm_axis(node)
     if node.op == "MatMul" and weight.ndim != 2:
         return None
-    return WEIGHT_ONLY_AXES.get(node.op)
+    return output_axis(node, 1, weight.ndim)
 
 
 def _already_quantized(graph: gs.Graph) -> str:

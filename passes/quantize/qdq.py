@@ -46,6 +46,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.passes.quantize import numerics
 from onnxopt.passes.quantize.numerics import ActivationType, QuantParams
 from onnxopt.pipeline import matches_any
+from onnxopt.weights import output_axis
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def _bias_reason(node: gs.Node, index: int, channels: int) -> str | None:
 
 @qdq_rule(
     "Conv", "core", "QLinearConv", weight=1, bias=2, output="required",
-    weight_axis=lambda node: 0,
+    weight_axis=lambda node: output_axis(node, 1, 4),
 )  # fmt: skip
 def _conv(node: gs.Node) -> str | None:
     if not _variable_float(node.inputs[0]):
@@ -120,23 +121,22 @@ def _conv(node: gs.Node) -> str | None:
     return _bias_reason(node, 2, node.inputs[1].values.shape[0])
 
 
-def _gemm_axis(node: gs.Node) -> int:
-    return 0 if int(node.attrs.get("transB", 0)) else 1
-
-
-@qdq_rule("Gemm", "core", "QGemm", weight=1, bias=2, output="optional", weight_axis=_gemm_axis)
+@qdq_rule(
+    "Gemm", "core", "QGemm", weight=1, bias=2, output="optional",
+    weight_axis=lambda node: output_axis(node, 1, 2),
+)  # fmt: skip
 def _gemm(node: gs.Node) -> str | None:
     if not _variable_float(node.inputs[0]):
         return "input A is not a float32 activation"
     weight = node.inputs[1]
     if not _const_float(weight) or weight.values.ndim != 2:
         return "B is not a 2-D float32 constant"
-    return _bias_reason(node, 2, weight.values.shape[_gemm_axis(node)])
+    return _bias_reason(node, 2, weight.values.shape[output_axis(node, 1, 2)])
 
 
 @qdq_rule(
     "MatMul", "core", "QLinearMatMul / MatMulIntegerToFloat", weight=1, output="optional",
-    weight_axis=lambda node: 1,
+    weight_axis=lambda node: output_axis(node, 1, 2),
 )  # fmt: skip
 def _matmul(node: gs.Node) -> str | None:
     if not _variable_float(node.inputs[0]):
