@@ -13,8 +13,10 @@ Metrics, per output, over all validation samples together:
 - ``cosine``    cosine similarity of the flattened outputs (1.0 when both are zero)
 - ``sqnr``      10 log10(sum ref^2 / sum (cand-ref)^2) in dB (inf when identical)
 - ``nonfinite`` NaN/Inf in the candidate where the reference is finite
-- ``top1``      argmax agreement over the last axis, for outputs shaped like class
-                scores ([N, C] float, C > 1)
+- ``top1``      argmax agreement over the last axis, for class-score outputs: shaped
+                [N, C] (float, C > 1) and, when the model is known, produced by a
+                classifier head (``class_score_outputs``), so that an embedding or a
+                regression vector is never judged by its argmax
 - ``mismatch``  differing elements, for integer/bool outputs
 """
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,8 +83,14 @@ def compare_outputs(
     reference: Sequence[Outputs],
     candidate: Sequence[Outputs],
     tolerance: tuple[float, float] | None = None,
+    class_scores: Set[str] | None = None,
 ) -> dict[str, OutputMetrics]:
-    """Metrics per output name; ``tolerance=(atol, rtol)`` also fills ``allclose_excess``."""
+    """Metrics per output name; ``tolerance=(atol, rtol)`` also fills ``allclose_excess``.
+
+    ``class_scores`` names the outputs that carry class scores (see
+    ``class_score_outputs``); ``top1`` is measured on those only. ``None`` (no model
+    at hand) falls back to the shape: every 2-D float output with C > 1.
+    """
     if len(reference) != len(candidate):
         raise ValueError("reference and candidate have different sample counts")
     if not reference:
@@ -91,11 +99,12 @@ def compare_outputs(
     for name in reference[0]:
         ref = [np.asarray(sample[name]) for sample in reference]
         got = [np.asarray(sample[name]) for sample in candidate]
-        result[name] = _metrics_for(name, ref, got, tolerance)
+        scores = class_scores is None or name in class_scores
+        result[name] = _metrics_for(name, ref, got, tolerance, scores)
     return result
 
 
-def _metrics_for(name, ref_list, got_list, tolerance) -> OutputMetrics:
+def _metrics_for(name, ref_list, got_list, tolerance, class_scores=True) -> OutputMetrics:
     for ref, got in zip(ref_list, got_list):
         if ref.shape != got.shape:
             raise ValueError(f"output {name!r}: shape {got.shape} != reference {ref.shape}")
@@ -121,7 +130,7 @@ def _metrics_for(name, ref_list, got_list, tolerance) -> OutputMetrics:
         )
         if tolerance is not None:
             m.allclose_excess = acc.excess
-    if _looks_like_class_scores(ref_list[0]):
+    if class_scores and _looks_like_class_scores(ref_list[0]):
         agree = [np.argmax(a, -1) == np.argmax(b, -1) for a, b in zip(ref_list, got_list)]
         m.top1 = float(np.mean(np.concatenate([x.ravel() for x in agree])))
     return m
@@ -195,6 +204,44 @@ def _cosine_of(dot: float, a_sq: float, b_sq: float) -> float:
 
 def _looks_like_class_scores(array: np.ndarray) -> bool:
     return array.ndim == 2 and array.shape[-1] > 1 and np.issubdtype(array.dtype, np.floating)
+
+
+# Ops that only move or relabel values: walked through back to the op that computed them.
+_PASS_THROUGH = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast", "Dropout"}
+# A classifier head: a normalisation over classes, or a dense layer that makes the logits.
+_HEADS = {"Softmax", "LogSoftmax", "Sigmoid", "Gemm", "MatMul"}
+
+
+def class_score_outputs(model: onnx.ModelProto) -> frozenset[str]:
+    """The graph outputs that a classifier head computes.
+
+    An output is class scores when, walking back through ops that only move values
+    (Reshape, Flatten, Squeeze, ...), it comes from Softmax/LogSoftmax/Sigmoid, Gemm,
+    MatMul, or an Add of a MatMul/Gemm result (a bias). A mean-pooled embedding
+    (ReduceMean/ReduceSum/Div), a feature map or a graph input is not: its argmax means
+    nothing, and judging it by top-1 agreement rolls back steps that keep it at a
+    cosine of 0.9998 (MiniLM's sentence embedding).
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+
+    def head(name: str) -> bool:
+        for _ in range(64):  # a chain of reshapes is short; a cycle is not a model
+            node = producers.get(name)
+            if node is None:
+                return False
+            if node.op_type in _HEADS:
+                return True
+            if node.op_type == "Add":
+                return any(
+                    producers.get(i) is not None and producers[i].op_type in {"MatMul", "Gemm"}
+                    for i in node.input
+                )
+            if node.op_type not in _PASS_THROUGH or not node.input:
+                return False
+            name = node.input[0]
+        return False
+
+    return frozenset(o.name for o in model.graph.output if head(o.name))
 
 
 # ---------------------------------------------------------------------------- budgets

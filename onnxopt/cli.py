@@ -313,7 +313,13 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from onnxopt.check import Budget, compare_outputs, suspect_reference, worst
+    from onnxopt.check import (
+        Budget,
+        class_score_outputs,
+        compare_outputs,
+        suspect_reference,
+        worst,
+    )
     from onnxopt.data import input_specs, prepare_samples
     from onnxopt.model import load_model
     from onnxopt.pipeline import original_outputs
@@ -356,7 +362,12 @@ def cmd_compare(args) -> int:
             f"the models have different outputs: {sorted(ref_names)} vs {sorted(cand_names)}"
         )
     try:
-        metrics = compare_outputs(outs[0], outs[1], budget.tolerance if budget else None)
+        metrics = compare_outputs(
+            outs[0],
+            outs[1],
+            budget.tolerance if budget else None,
+            class_score_outputs(reference.proto),
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     problems = budget.violations(metrics) if budget else []

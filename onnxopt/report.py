@@ -215,15 +215,16 @@ def _render(columns, rows, steps, metrics, step_width, width, wide) -> list[str]
 def _reason_lines(step: dict[str, Any], width: int | None) -> list[str]:
     """Why a step was not accepted (rolled back: the failed check; no-op / skipped: the
     pass's own note), indented under its row."""
-    if step["status"] == "accepted":
-        return []
+    limit = max(40, (width or 10**6) - 6)
+    if step["status"] == "accepted":  # only what the user must see: numeric trouble
+        warned = [n for n in step.get("notes") or [] if n.startswith("numpy warning")]
+        return ["     " + line for n in warned for line in textwrap.wrap(f"note: {n}", limit)]
     reason = step.get("reason") or ""
     if not reason and step.get("notes"):
         reason = step["notes"][0]
     if not reason:
         return []
     first = reason.splitlines()[0]
-    limit = max(40, (width or 10**6) - 6)
     return ["     " + line for line in textwrap.wrap(f"why: {first}", limit)[:4]]
 
 

@@ -160,3 +160,136 @@ def test_budget_parse_print_and_violations():
         with pytest.raises(UsageError, match=message):
             Budget.parse(bad)
     assert not Budget.parse("none").gates
+
+
+# ------------------------------------------------------------ class-score outputs
+
+
+def _head_model(tail: list[onnx.NodeProto], out: str, out_shape, extra_inits=()) -> onnx.ModelProto:
+    """x [N, 8] -> MatMul W [8, 4] = "mm" -> ``tail`` nodes -> output ``out``."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "W")]
+    inits += list(extra_inits)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["mm"]), *tail],
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_class_score_outputs_follows_heads_through_reshapes():
+    from onnxopt.check import class_score_outputs
+
+    shape = numpy_helper.from_array(np.array([-1, 4], np.int64), "shape")
+    bias = numpy_helper.from_array(np.ones(4, np.float32), "b")
+    softmax = _head_model(
+        [
+            helper.make_node("Softmax", ["mm"], ["p"], axis=-1),
+            helper.make_node("Reshape", ["p", "shape"], ["r"]),
+            helper.make_node("Identity", ["r"], ["y"]),
+        ],
+        "y",
+        ["N", 4],
+        [shape],
+    )
+    assert class_score_outputs(softmax) == {"y"}
+    logits = _head_model([helper.make_node("Add", ["mm", "b"], ["y"])], "y", ["N", 4], [bias])
+    assert class_score_outputs(logits) == {"y"}
+    # Mean pooling, a plain activation, or an Add that is not a bias: not class scores.
+    pooled = _head_model(
+        [helper.make_node("ReduceMean", ["mm"], ["y"], axes=[1], keepdims=1)], "y", ["N", 1]
+    )
+    assert class_score_outputs(pooled) == frozenset()
+    relu = _head_model([helper.make_node("Relu", ["mm"], ["y"])], "y", ["N", 4])
+    assert class_score_outputs(relu) == frozenset()
+    resid = _head_model(
+        [helper.make_node("Relu", ["mm"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+        "y",
+        ["N", 4],
+        [bias],
+    )
+    assert class_score_outputs(resid) == frozenset()
+    for name in MODELS_WITH_LOGITS:
+        assert class_score_outputs(onnx.load(str(model_path(name)))) == {"logits"}
+
+
+MODELS_WITH_LOGITS = ("digits_cnn", "digits_mlp", "digits_transformer")
+
+
+def test_top1_only_on_named_class_score_outputs():
+    ref = [{"emb": np.array([[1.0, 1.01]], np.float32)}] * 4
+    got = [{"emb": np.array([[1.01, 1.0]], np.float32)}] * 4
+    assert compare_outputs(ref, got)["emb"].top1 == 0.0  # no model known: by shape
+    assert compare_outputs(ref, got, class_scores=frozenset())["emb"].top1 is None
+    assert compare_outputs(ref, got, class_scores={"emb"})["emb"].top1 == 0.0
+    assert not Budget.parse("cosine>=0.99,top1>=0.99").violations(
+        compare_outputs(ref, got, class_scores=frozenset())
+    )
+
+
+def _embedding_model() -> onnx.ModelProto:
+    """A sentence-embedding-like model: tokens [N, T, 32] -> MatMul -> mean over T,
+    plus a shared offset. Its 16 dims sit close together, so a small weight change
+    flips the argmax of many samples while the cosine stays near 1."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((32, 16)).astype(np.float32) * 0.1
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["h"]),
+            helper.make_node("ReduceMean", ["h"], ["m"], axes=[1], keepdims=0),
+            helper.make_node("Add", ["m", "offset"], ["emb"]),
+        ],
+        "emb",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 32])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["N", 16])],
+        [
+            numpy_helper.from_array(w, "W"),
+            numpy_helper.from_array(np.full(16, 5.0, np.float32), "offset"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_embedding_output_is_judged_by_cosine_not_argmax():
+    from onnxopt import optimize
+    from onnxopt.check import class_score_outputs
+
+    model = _embedding_model()
+    assert class_score_outputs(model) == frozenset()
+    result = optimize(
+        model, "prune-initializers(sparsity=0.3,method=magnitude)", validation_samples=32
+    )
+    step = result.steps[0]
+    assert step["status"] == "accepted", step
+    metrics = step["metrics_vs_original"]["emb"]
+    assert metrics["cosine"] >= 0.99 and metrics.get("top1") is None
+    # The same outputs judged by shape alone (the old rule) flip the argmax of
+    # enough samples to fail top1>=0.99: the test would fail without the rule.
+    from onnxopt.data import prepare_samples
+    from onnxopt.pipeline import original_outputs
+
+    feeds = prepare_samples(model, None, seed=0, validation_samples=32).validation
+    ref = original_outputs(model, feeds)
+    got = original_outputs(result.model, feeds)
+    by_shape = compare_outputs(ref, got)["emb"]
+    assert by_shape.top1 is not None and by_shape.top1 < 0.99
+
+
+def test_only_quantized_candidates_are_also_checked_as_deployed():
+    """The as-deployed run (optimizations on) is for integer kernels; a float-only
+    lossy result is checked as written only, and the report says which ran."""
+    from onnxopt import optimize
+    from onnxopt.pipeline import has_quantized_ops
+
+    mlp = str(model_path("digits_mlp"))
+    data = str(MODELS / "digits_test.npz")
+    pruned = optimize(mlp, "prune-initializers(sparsity=0.3,method=magnitude)", data=data)
+    quantized = optimize(mlp, "quantize-int8(weights_only=true)", data=data)
+    assert not has_quantized_ops(pruned.model) and has_quantized_ops(quantized.model)
+    assert pruned.steps[0]["status"] == quantized.steps[0]["status"] == "accepted"
+    assert pruned.steps[0]["metrics_vs_original_deployed"] == {}
+    deployed = quantized.steps[0]["metrics_vs_original_deployed"]["logits"]
+    assert 0.99 <= deployed["cosine"] < 1.0

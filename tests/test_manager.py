@@ -41,6 +41,17 @@ class NoisePass(Pass):
         return PassResult(changed=True, counts={"touched": len(_gemm_weights(graph))})
 
 
+class WarningNoisePass(NoisePass):
+    """NoisePass that also trips a NumPy floating-point warning, twice."""
+
+    name = "test-warning-noise"
+
+    def run(self, graph, ctx):
+        for _ in range(2):
+            np.array([1e30]).astype(np.float16)  # RuntimeWarning: overflow in cast
+        return super().run(graph, ctx)
+
+
 class InPlaceThenRaisePass(Pass):
     """Writes into weight arrays in place, then crashes: the rollback must undo it."""
 
@@ -106,6 +117,7 @@ TEST_PASSES = (
     TinyLosslessDrift,
     CountdownPass,
     NeedsDataPass,
+    WarningNoisePass,
 )
 
 
@@ -284,3 +296,15 @@ def test_evaluating_a_candidate_onnxruntime_cannot_run_is_a_failed_evaluation():
     (evaluation,) = SEEN
     assert not evaluation.ok and evaluation.metrics == {}
     assert evaluation.violations[0].startswith("onnxruntime cannot run the candidate")
+
+
+def test_numpy_warnings_in_a_pass_become_notes_not_terminal_noise(recwarn):
+    from onnxopt.report import format_table
+
+    result = onnxopt.optimize(MLP, "test-warning-noise(scale=0.001)")
+    step = result.steps[0]
+    assert step["status"] == "accepted"
+    [note] = [n for n in step["notes"] if n.startswith("numpy warning")]
+    assert "overflow" in note and "2 times" in note and "test_manager.py" in note
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert "note: numpy warning during the pass: overflow" in format_table(result.report)

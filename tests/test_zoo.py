@@ -121,3 +121,51 @@ def test_every_family_runs_on_real_models(zoo, name, family, tmp_path):
         assert fid["sqnr"] >= 60.0, fid
     elif all(s["status"] != "accepted" for s in result.steps):
         assert fid["sqnr"] >= 60.0, fid  # rolled back: the original's outputs
+
+
+def test_bench_table_from_records(tmp_path, capsys):
+    """`bench_zoo.py --table` turns --json records into the README table: one row per
+    model x family, the budget=none cell beside the default one, ✗ on missed targets,
+    a later file's cell replacing an earlier one's."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x" * 1_000_000)
+
+    def rec(family, budget, wall, status="accepted", reason="", **kw):
+        base = {"name": "m", "model": str(model), "family": family, "budget": budget}
+        if status == "crash":
+            return {**base, "error": "exit 1: boom"}
+        return {
+            **base,
+            "anchor": 10.0,
+            "wall": wall,
+            "rss_mb": kw.get("rss", 100.0),
+            "size": kw.get("size", 500_000),
+            "sqnr": kw.get("sqnr", 30.0),
+            "cosine": 0.999,
+            "task": "top-1 agreement",
+            "task_value": 1.0,
+            "steps": [{"step": family, "status": status, "reason": reason}],
+        }
+
+    first = [
+        {"name": "m", "family": "anchor", "wall": 10.0},
+        rec("lossless", None, 50.0, sqnr=40.0),  # over 3 x 10 + 15 s, under 60 dB
+        rec("prune", None, 20.0, "rolled back", "out: cosine 0.9 (needs >=0.99) | x"),
+        rec("prune", "none", 21.0, size=250_000),
+        rec("int8", None, 5.0, status="crash"),
+    ]
+    second = [rec("int8", None, 6.0, rss=900.0)]  # replaces the crash; RSS > 4 x 1 + 300
+    paths = []
+    for i, records in enumerate((first, second)):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(__import__("json").dumps(records))
+    assert bench_zoo.main(["--table", *map(str, paths)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 + 3  # header, rule, lossless / prune / int8
+    lossless, prune, int8 = lines[2:]
+    assert "| 50.0 (5.00) ✗ |" in lossless and "40.0 / 0.9990; top-1 agreement 1.000 ✗" in lossless
+    assert "(lossless)" in lossless
+    assert "rolled back: out: cosine 0.9 (needs >=0.99) \\| x" in prune
+    assert "| 20.0 (2.00) |" in prune and "| 0.250, 30.0 / 0.9990" in prune
+    assert "CRASH" not in int8 and "| 900 ✗ |" in int8 and "| 0.500 |" in int8
+    assert bench_zoo.main(["--table", str(tmp_path / "missing.json")]) == 2

@@ -304,6 +304,85 @@ HEADER = (
 )
 
 
+# ------------------------------------------------------------------- README table
+
+
+def _short_status(rec: dict, limit: int = 70) -> str:
+    """One cell: the worst step status, with the first reason, ``|`` escaped."""
+    if "error" in rec:
+        text = f"CRASH: {rec['error']}"
+    else:
+        order = ("failed", "rolled back", "no-op", "accepted")
+        steps = rec.get("steps") or [{"status": "?", "reason": ""}]
+        worst = min(steps, key=lambda s: order.index(s["status"]) if s["status"] in order else 0)
+        text = worst["status"]
+        if worst["status"] != "accepted" and worst["reason"]:
+            reason = worst["reason"].splitlines()[0]
+            text += ": " + (reason if len(reason) <= limit else reason[: limit - 1] + "…")
+    return text.replace("|", "\\|")
+
+
+def _fidelity(rec: dict) -> str:
+    if "error" in rec:
+        return "-"
+    task = f"; {rec['task']} {rec['task_value']:.3f}" if rec.get("task") else ""
+    return f"{_fmt(rec['sqnr'])} / {_fmt(rec['cosine'], '{:.4f}')}{task}"
+
+
+def table(records: list[dict]) -> str:
+    """The README table: one row per model x family, the default cell and the
+    ``budget=none`` cell side by side; ✗ marks a cell over a target (time > 3x
+    quantize_static + 15 s, peak RSS > 4x the file + 300 MB, a lossless result
+    under 60 dB)."""
+    cells: dict[tuple[str, str, str | None], dict] = {}
+    order: list[tuple[str, str]] = []
+    for rec in records:
+        if rec.get("family") in (None, "anchor"):
+            continue
+        key = (rec["name"], rec["family"])
+        if key not in order:
+            order.append(key)
+        cells[(*key, rec.get("budget"))] = rec  # a later file replaces the cell
+    lines = [
+        "| model | family | status (defaults) | time s (× qs) | peak RSS MB | size × fp32 "
+        "| SQNR dB / cosine; task | `--budget none`: size × fp32, SQNR / cosine; task |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, family in order:
+        rec = cells.get((name, family, None))
+        if rec is None:
+            continue
+        path = Path(rec["model"])
+        file_bytes = rec.get("file_bytes") or (path.stat().st_size if path.exists() else 0)
+        file_mb = file_bytes / 1e6
+        if "error" in rec:
+            timing = rss = size = "-"
+        else:
+            anchor = rec.get("anchor") or float("nan")
+            t_bad = " ✗" if rec["wall"] > 3 * anchor + 15 else ""
+            m_bad = " ✗" if rec["rss_mb"] > 4 * file_mb + 300 else ""
+            timing = f"{rec['wall']:.1f} ({rec['wall'] / anchor:.2f}){t_bad}"
+            rss = f"{rec['rss_mb']:.0f}{m_bad}"
+            size = f"{rec['size'] / file_bytes:.3f}" if file_bytes else "-"
+        fid = _fidelity(rec)
+        lossless = not FAMILIES.get(family, ("", True))[1]
+        if lossless and "error" not in rec and not rec["sqnr"] >= 60:
+            fid += " ✗"
+        loose = cells.get((name, family, "none"))
+        if loose is None:
+            other = "-" if not lossless else "(lossless)"
+        elif "error" in loose:
+            other = _short_status(loose)
+        else:
+            ratio = f"{loose['size'] / file_bytes:.3f}" if file_bytes else "-"
+            other = f"{ratio}, {_fidelity(loose)}"
+        lines.append(
+            f"| {name} | {family} | {_short_status(rec)} | {timing} | {rss} | {size} | "
+            f"{fid} | {other} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(fetch_zoo.ZOO))
@@ -325,8 +404,25 @@ def main(argv=None) -> int:
         "mean of its neighbours (default; robust to a machine whose load changes), or "
         "once per model",
     )
+    ap.add_argument(
+        "--table",
+        nargs="+",
+        metavar="JSON",
+        help="print the README table from --json files of earlier runs (a later file's "
+        "cell replaces an earlier one's) and exit",
+    )
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.table:
+        records = []
+        for path in args.table:
+            try:
+                records += json.loads(Path(path).read_text())
+            except (OSError, ValueError) as exc:
+                print(f"error: {path}: cannot read a --json record file ({exc})", file=sys.stderr)
+                return 2
+        print(table(records))
+        return 0
     if args.child:
         kind, spec = args.child
         fn = child_onnxopt if kind == "onnxopt" else child_anchor
@@ -363,6 +459,7 @@ def main(argv=None) -> int:
             base = {
                 "name": model,
                 "model": str(paths[model]),
+                "file_bytes": paths[model].stat().st_size,
                 "calib": str(calib),
                 "eval": str(evaluation),
             }
