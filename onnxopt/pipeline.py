@@ -58,6 +58,8 @@ from onnxopt.errors import (
 )
 from onnxopt.model import compressed_size, proto_nbytes, stored_path, tensor_nbytes
 from onnxopt.progress import SILENT, Progress
+from onnxopt.results import PassResult as PassResult
+from onnxopt.results import Skipped as Skipped
 from onnxopt.store import WeightStore, spill_threshold
 
 log = logging.getLogger(__name__)
@@ -73,28 +75,6 @@ def option(default: Any, help: str, *, range: tuple[float, float] | None = None)
 @dataclass
 class NoOptions:
     pass
-
-
-@dataclass
-class PassResult:
-    """What a pass did. ``counts`` are small numbers for tables; ``details`` anything
-    JSON-serializable for the report (per-tensor stats, curves...)."""
-
-    changed: bool
-    counts: dict[str, float] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    def merge(self, other: PassResult) -> PassResult:
-        counts = dict(self.counts)
-        for key, value in other.counts.items():
-            counts[key] = counts.get(key, 0) + value
-        return PassResult(
-            self.changed or other.changed,
-            counts,
-            {**self.details, **other.details},
-            self.notes + other.notes,
-        )
 
 
 class Pass:

@@ -13,6 +13,7 @@ from typing import Any
 from onnxopt import __version__, html
 from onnxopt.check import worst
 from onnxopt.pipeline import ModelStats, RunOutcome, StepRecord
+from onnxopt.results import skip_label
 
 REPORT_VERSION = 1
 
@@ -63,6 +64,7 @@ def _step(record: StepRecord) -> dict[str, Any]:
         "counts": result.counts if result else {},
         "details": _clean(result.details) if result else {},
         "notes": result.notes if result else [],
+        "skipped": [s.as_dict() for s in result.skipped] if result else [],
     }
 
 
@@ -214,7 +216,7 @@ def _render(columns, rows, steps, metrics, step_width, width, wide) -> list[str]
 
 def _reason_lines(step: dict[str, Any], width: int | None) -> list[str]:
     """Why a step was not accepted (rolled back: the failed check; no-op / skipped: the
-    pass's own note), indented under its row."""
+    pass's own note, else the first thing it skipped), indented under its row."""
     limit = max(40, (width or 10**6) - 6)
     if step["status"] == "accepted":  # only what the user must see: numeric trouble
         warned = [n for n in step.get("notes") or [] if n.startswith("numpy warning")]
@@ -222,6 +224,10 @@ def _reason_lines(step: dict[str, Any], width: int | None) -> list[str]:
     reason = step.get("reason") or ""
     if not reason and step.get("notes"):
         reason = step["notes"][0]
+    if not reason and step.get("skipped"):
+        reason = skip_label(step["skipped"][0])
+        if len(step["skipped"]) > 1:
+            reason += f" (+{len(step['skipped']) - 1} more skipped)"
     if not reason:
         return []
     first = reason.splitlines()[0]

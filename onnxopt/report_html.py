@@ -308,6 +308,9 @@ def _step_detail(step: dict[str, Any]) -> str:
         for key, records in details.items()
         if _is_records(records)
     ]
+    skipped = step.get("skipped") or []
+    if skipped:
+        tables.append(html.details(f"skipped ({len(skipped)})", _records_table(skipped)))
     counts = step.get("counts") or {}
     notes = step.get("notes") or []
     if not (figures or tables or counts or notes):

@@ -20,7 +20,7 @@ Cases handled:
 - A weight or bias shared with other nodes is not modified: the folded values go to
   a new initializer, the other users keep the original.
 
-Does nothing (reported in ``details["skipped"]`` with the reason) when:
+Does nothing (reported as skipped, with the reason: ``PassResult.skip``) when:
 - the BN is in training mode (``training_mode=1``), uses ``spatial=0`` (opset < 9),
   or any of its extra outputs (running/saved statistics) is used;
 - its input is not produced by Conv / ConvTranspose / Gemm, that output has other
@@ -40,15 +40,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxopt.results import SKIPPED, Skip, skip_label
 
 log = logging.getLogger(__name__)
 
 FOLDABLE_PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-
-
-class Skip(Exception):
-    """A pattern did not match; the message is the reason shown in the report."""
 
 
 @dataclass
@@ -69,29 +66,26 @@ class FoldBatchNormPass(Pass):
         self._names = set(graph.tensors())
         folded = dict.fromkeys(FOLDABLE_PRODUCERS, 0)
         records: list[dict[str, str]] = []
-        skipped: list[dict[str, str]] = []
+        result = PassResult(False)
         for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
             try:
                 layer = self._try_fold(graph, bn)
             except Skip as reason:
                 label = bn.name or f"<BatchNormalization -> {bn.outputs[0].name}>"
-                skipped.append({"node": label, "reason": str(reason)})
+                result.skip(label, "node", str(reason), bn.op)
                 continue
             folded[layer.op] += 1
             records.append(
                 {"batchnorm": bn.name, "into": layer.name, "output": layer.outputs[0].name}
             )
-        counts = {f"{op.lower()}_folded": n for op, n in folded.items()}
-        counts["skipped"] = len(skipped)
-        notes = [f"left {s['node']!r}: {s['reason']}" for s in skipped]
-        for note in notes:
+        result.counts = {f"{op.lower()}_folded": n for op, n in folded.items()}
+        result.counts[SKIPPED] = len(result.skipped)
+        result.notes = [skip_label(s) for s in result.skipped]
+        for note in result.notes:
             log.info("fold-batchnorm: %s", note)
-        return PassResult(
-            changed=bool(records),
-            counts=counts,
-            details={"folded": records, "skipped": skipped},
-            notes=notes,
-        )
+        result.changed = bool(records)
+        result.details = {"folded": records}
+        return result
 
     def _try_fold(self, graph: gs.Graph, bn: gs.Node) -> gs.Node:
         """Fold ``bn`` into its producer and return the producer, or raise Skip."""

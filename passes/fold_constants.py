@@ -13,7 +13,7 @@ silently). When that batch evaluation fails, the pass does not give up or raise:
 folds node by node in topological order, each node in its own onnxruntime session,
 so one op that cannot be evaluated (a custom-domain op, a kernel onnxruntime lacks)
 only blocks its own descendants, and the report names it with the error. Failures
-are data (``details["not_folded"]``, ``counts["not_folded"]``, one note each), not
+are data (``PassResult.skip`` records, ``counts["skipped"]``, one note each), not
 exceptions: the graph is only ever changed by replacing a tensor with the value
 onnxruntime computed for it, so a failure cannot leave it half-rewritten. Any other
 exception propagates and the PassManager rolls the step back. Rounds repeat until
@@ -26,7 +26,7 @@ attributes (opset 15) and runs a TensorRT-oriented "cast elision" that rewrites
 ``Cast(int→float) → Mul(0.5) → Cast(int)`` into integer arithmetic (``0.5`` becomes
 ``0``) — neither is lossless.
 
-Does nothing to (listed in ``details["not_folded"]`` with the reason when the inputs
+Does nothing to (reported as skipped, with the reason, when the inputs
 are constant):
 - ops with random outputs (RandomNormal/Uniform[Like], Multinomial, Bernoulli,
   Dropout with ``training_mode`` true): folding would freeze one draw (graphsurgeon
@@ -47,7 +47,7 @@ output (valid since IR 4). Graph inputs are never removed. String constants are 
 as TensorProtos, which graphsurgeon can export (it cannot export numpy strings).
 
 Counts: ``nodes_folded`` (nodes removed: folded, or already dead), ``constants_created``,
-``shape_values_folded``, ``not_folded``; ``details["folded_ops"]`` by op type.
+``shape_values_folded``, ``skipped``; ``details["folded_ops"]`` by op type.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ from onnxopt import runtime
 from onnxopt.errors import first_line
 from onnxopt.graph import forget_shapes, is_topologically_sorted
 from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
+from onnxopt.results import SKIPPED, Skipped, skip_label
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +97,12 @@ class FoldReport:
     constants_created: int = 0
     shape_values: int = 0
     folded_ops: Counter = field(default_factory=Counter)
-    not_folded: dict[str, dict[str, str]] = field(default_factory=dict)
+    not_folded: dict[str, Skipped] = field(default_factory=dict)
     batch_errors: list[str] = field(default_factory=list)
 
     def skip(self, node: gs.Node, reason: str) -> None:
         label = _label(node)
-        self.not_folded[label] = {"node": label, "op": node.op, "reason": reason}
+        self.not_folded[label] = Skipped(label, "node", reason, node.op)
 
 
 @register_pass
@@ -433,8 +434,8 @@ def _count_nodes(graph: gs.Graph) -> int:
 
 
 def _result(report: FoldReport) -> PassResult:
-    not_folded = sorted(report.not_folded.values(), key=lambda r: (r["op"], r["node"]))
-    notes = [f"not folded {r['node']!r} ({r['op']}): {r['reason']}" for r in not_folded]
+    not_folded = sorted(report.not_folded.values(), key=lambda r: (r.op, r.subject))
+    notes = [f"not folded: {skip_label(r)}" for r in not_folded]
     if len(notes) > MAX_NOTES:
         notes = [*notes[:MAX_NOTES], f"... and {len(notes) - MAX_NOTES} more (see details)"]
     notes += report.batch_errors[:1]
@@ -444,12 +445,11 @@ def _result(report: FoldReport) -> PassResult:
         "nodes_folded": report.nodes_folded,
         "constants_created": report.constants_created,
         "shape_values_folded": report.shape_values,
-        "not_folded": len(not_folded),
+        SKIPPED: len(not_folded),
     }
     details = {
         "folded_ops": dict(sorted(report.folded_ops.items())),
-        "not_folded": not_folded,
         "batch_errors": report.batch_errors,
     }
     changed = bool(report.nodes_folded or report.constants_created)
-    return PassResult(changed=changed, counts=counts, details=details, notes=notes)
+    return PassResult(changed, counts, details, notes, skipped=not_folded)

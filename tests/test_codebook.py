@@ -277,7 +277,7 @@ def test_mlp_bits4_uint8_form_structure_numbers_and_idempotence(tmp_path):
     assert record["bits"] == 4 and record["mse"] > 0 and record["index_bits"] == 8
     assert record["bytes_after"] == 128 * 64 + 4 * record["codebook_size"]
     # the biases would cost more pooled at 8 bits than as floats: left alone, with why
-    skipped = {s["tensor"]: s["reason"] for s in result.details["skipped"]}
+    skipped = {s.subject: s.reason for s in result.skipped}
     assert "would not be smaller" in skipped["fc1.bias"]
     # Gather form and materialized form compute the very same numbers.
     snapped, _ = apply(model, bits=4, materialize=True, **CLASSIC)
@@ -292,7 +292,7 @@ def test_mlp_bits4_uint8_form_structure_numbers_and_idempotence(tmp_path):
     assert not second.changed and ops(again) == ops(out)
     _, third = apply(out, min_size=1, scope="weights")
     assert not third.changed
-    assert any("constant indices" in s["reason"] for s in third.details["skipped"])
+    assert any("constant indices" in s.reason for s in third.skipped)
 
 
 def test_generated_names_are_short():
@@ -436,7 +436,7 @@ def test_cnn_small_constants_are_pooled_in_one_codebook():
     assert ops(out).count("Reshape") == 2  # the two rank-4 conv weights; 1-D ones are direct
     assert result.counts["pooled"] == 18 and result.counts["tensors_shared"] == 18 + 4
     assert pool["bytes_after"] < pool["bytes_before"]
-    skipped = {s["tensor"]: s["reason"] for s in result.details["skipped"]}
+    skipped = {s.subject: s.reason for s in result.skipped}
     assert "not float" not in skipped.get("mix.1.running_var", "")
     assert "input 4 of BatchNormalization" in skipped["mix.1.running_var"]
     assert_valid(out)
@@ -460,7 +460,7 @@ def test_scope_weights_leaves_biases_and_normalization_alone():
     assert records(everything)["pos"]["bits"] == 4  # 256 elements: its own codebook
     (pool,) = [r for r in everything.details["tensors"] if r["granularity"] == "pool"]
     assert "layers.0.norm1.weight" in pool["pool"] and "embed.bias" in pool["pool"]
-    too_small = [s for s in everything.details["skipped"] if "too small" in s["reason"]]
+    too_small = [s for s in everything.skipped if "too small" in s.reason]
     assert too_small  # the scalars of GELU and attention scaling stay
     _, default = apply(model)  # default: those constants in float16, pos included
     (half,) = [r for r in default.details["tensors"] if r["granularity"] == "float16"]
@@ -471,7 +471,7 @@ def test_no_pool_when_pool_bits_is_not_finer_than_bits():
     model = load("digits_cnn")
     _, result = apply(model, bits=8, pool_bits=8)
     assert not any(r["granularity"] == "pool" for r in result.details["tensors"])
-    skipped = {s["tensor"]: s["reason"] for s in result.details["skipped"]}
+    skipped = {s.subject: s.reason for s in result.skipped}
     assert "pool_bits=8 is not finer than bits=8" in skipped["stem.1.weight"]
 
 
@@ -499,7 +499,7 @@ def test_pool_at_opset11_uses_the_split_attribute_and_leaves_other_inputs_alone(
     (pool,) = result.details["tensors"]
     assert pool["pool"] == ["shift", "scale", "shift2"]
     assert opset_version(out) == 21  # pool_bits=4: uint4 indices are worth the upgrade
-    skipped = {s["tensor"]: s["reason"] for s in result.details["skipped"]}
+    skipped = {s.subject: s.reason for s in result.skipped}
     assert "input 1 of Pow" in skipped["exponent"]
     old, old_result = apply(model, pool_bits=4, bits=2, upgrade_opset=False)
     (split,) = [n for n in old.graph.node if n.op_type == "Split"]
@@ -535,7 +535,7 @@ def test_materialize_snaps_in_place_and_is_idempotent():
     assert np.unique(weight).size <= 16 and weight.dtype == np.float32
     _, second = apply(out, materialize=True)
     assert not second.changed
-    reasons = [s["reason"] for s in second.details["skipped"]]
+    reasons = [s.reason for s in second.skipped]
     assert all("distinct values" in r or "already holds float16" in r for r in reasons)
     # Encoding a materialized model into the Gather form loses nothing.
     coded, third = apply(out)
@@ -552,7 +552,7 @@ def test_small_excluded_and_unmatched_tensors_are_left_alone():
     model = load("digits_cnn")
     out, result = apply(model, min_size=10**6, scope="weights")
     assert not result.changed and ops(out) == ops(model)
-    assert any("min_size" in s["reason"] for s in result.details["skipped"])
+    assert any("min_size" in s.reason for s in result.skipped)
     _, result = apply(model, exclude=["mix.*", "/fc/*"], scope="weights")
     shared = {r["tensor"] for r in result.details["tensors"]}
     assert shared == {"res.0.weight", "pointwise.0.weight"}
@@ -566,8 +566,8 @@ def test_nonfinite_weights_are_skipped():
     w = random_weights((64, 48), 7)
     w[0, 0] = np.nan
     _, result = apply(matmul_model(w, random_weights((48, 32), 8)))
-    assert [s["tensor"] for s in result.details["skipped"]] == ["w"]
-    assert "NaN" in result.details["skipped"][0]["reason"]
+    assert [s.subject for s in result.skipped] == ["w"]
+    assert "NaN" in result.skipped[0].reason
 
 
 @pytest.mark.parametrize(
@@ -639,7 +639,7 @@ def test_codebooks_larger_than_the_weights_are_not_written():
     out, result = apply(model, bits=8, granularity="channel", scope="weights")
     # fc1 [128, 64]: 128 codebooks of 256 floats = 128 KB for a 32 KB tensor.
     assert not result.changed and ops(out) == ops(model)
-    skipped = {s["tensor"]: s["reason"] for s in result.details["skipped"]}
+    skipped = {s.subject: s.reason for s in result.skipped}
     for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
         assert "would not be smaller" in skipped[name]
 

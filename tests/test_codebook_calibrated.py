@@ -361,7 +361,7 @@ def test_biases_and_norm_parameters_are_stored_in_float16(tmp_path):
     var = next(t for t in big.graph.initializer if t.name == "var")
     var.CopyFrom(numpy_helper.from_array(np.full(32, 1e6, np.float32), "var"))
     _, result = share(big, granularity="tensor")
-    skipped = {s["tensor"]: s["reason"] for s in result.details["skipped"]}
+    skipped = {s.subject: s.reason for s in result.skipped}
     assert "range" in skipped["var"]
     _, second = share(out, granularity="tensor")
     assert not second.changed

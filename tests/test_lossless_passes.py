@@ -209,7 +209,7 @@ def test_fold_batchnorm_skips_with_reasons() -> None:
     out, result = apply("fold-batchnorm", model)
     assert not result.changed
     assert ops(out).count("BatchNormalization") == 3
-    reasons = " | ".join(s["reason"] for s in result.details["skipped"])
+    reasons = " | ".join(s.reason for s in result.skipped)
     assert "graph output" in reasons and "training_mode=1" in reasons and "Relu" in reasons
     assert result.counts["skipped"] == 3 and len(result.notes) == 3
 
@@ -261,7 +261,7 @@ def test_fold_constants_constant_chain() -> None:
     )
     out, result = check_pass("fold-constants", model)
     assert ops(out) == ["Add"]
-    assert result.counts["nodes_folded"] == 3 and result.counts["not_folded"] == 0
+    assert result.counts["nodes_folded"] == 3 and result.counts["skipped"] == 0
     assert result.details["folded_ops"] == {"Mul": 1, "Sub": 1, "Transpose": 1}
 
 
@@ -332,16 +332,16 @@ def test_fold_constants_reports_what_it_cannot_fold() -> None:
     out, result = apply("fold-constants", model)
     assert result.changed
     assert ops(out) == ["Frobnicate", "Add", "Add", "Add"]
-    (failure,) = result.details["not_folded"]
-    assert failure["op"] == "Frobnicate" and "onnxruntime" in failure["reason"]
-    assert "Frobnicate" in failure["reason"]
-    assert result.counts["not_folded"] == 1
+    (failure,) = result.skipped
+    assert failure.op == "Frobnicate" and "onnxruntime" in failure.reason
+    assert "Frobnicate" in failure.reason
+    assert result.counts["skipped"] == 1
     assert any("Frobnicate" in note for note in result.notes)
     assert result.details["batch_errors"]
     # Mul and Sub were folded around the failure; the graph is still well-formed.
     onnx.checker.check_model(out)
     _, second = apply("fold-constants", out)
-    assert not second.changed and second.counts["not_folded"] == 1
+    assert not second.changed and second.counts["skipped"] == 1
 
 
 def test_fold_constants_string_results_stay_exportable() -> None:
@@ -371,8 +371,8 @@ def test_fold_constants_leaves_random_ops() -> None:
     )
     out, result = apply("fold-constants", model)
     assert not result.changed and ops(out) == ["RandomNormal", "Add"]
-    (skip,) = result.details["not_folded"]
-    assert skip["op"] == "RandomNormal" and "random" in skip["reason"]
+    (skip,) = result.skipped
+    assert skip.op == "RandomNormal" and "random" in skip.reason
 
 
 def test_fold_constants_size_threshold() -> None:
@@ -387,8 +387,8 @@ def test_fold_constants_size_threshold() -> None:
     )
     out, result = apply("fold-constants", model, size_threshold=1024)
     assert not result.changed and "Expand" in ops(out)
-    (skip,) = result.details["not_folded"]
-    assert skip["op"] == "Expand" and "size_threshold" in skip["reason"]
+    (skip,) = result.skipped
+    assert skip.op == "Expand" and "size_threshold" in skip.reason
     out, result = check_pass("fold-constants", model)
     assert ops(out) == ["Add"]
 
@@ -510,5 +510,5 @@ def test_fold_constants_keeps_low_bit_weights_compressed():
     result = onnxopt.optimize(model, "fold-constants")
     step = result.steps[0]
     assert step["status"] == "no-op"
-    assert any("low-bit" in v["reason"] for v in step["details"]["not_folded"])
+    assert any("low-bit" in v["reason"] for v in step["skipped"])
     assert [n.op_type for n in result.model.graph.node] == ["Cast", "Gather", "MatMul"]

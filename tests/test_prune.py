@@ -80,7 +80,7 @@ def test_half_sparsity_is_exact_per_tensor_and_keeps_accuracy(name, expected):
 
 def test_small_tensors_are_skipped_with_a_reason():
     step = optimize("digits_cnn", "prune-initializers(sparsity=0.5)").steps[0]
-    skipped = {s["tensor"]: s["reason"] for s in step["details"]["skipped"]}
+    skipped = {s["subject"]: s["reason"] for s in step["skipped"]}
     assert set(skipped) == {"stem.0.weight", "depthwise.0.weight"}
     assert all("min_size=256" in reason for reason in skipped.values())
 
@@ -266,8 +266,8 @@ def test_weight_that_also_feeds_another_input_is_skipped():
     model.graph.output[0].name = "z"
     step = optimize(model, "prune-initializers(sparsity=0.5,min_size=0)").steps[0]
     assert list(eligible(step)) == ["W1"]
-    (skipped,) = step["details"]["skipped"]
-    assert skipped["tensor"] == "W2" and "Add 'add' input 1" in skipped["reason"]
+    (skipped,) = step["skipped"]
+    assert skipped["subject"] == "W2" and "Add 'add' input 1" in skipped["reason"]
 
 
 def test_ties_are_broken_by_position_deterministically():

@@ -114,7 +114,7 @@ def test_transformer_matmuls_run_integer_and_attention_stays_float():
     runtime = runtime_ops(result.model)
     assert runtime.get("MatMulIntegerToFloat") == 13 and runtime.get("QGemm") == 1
     assert_no_qdq_chain(result.model)
-    skipped = {d["node"] for d in step["details"]["skipped"]}
+    skipped = {d["subject"] for d in step["skipped"]}
     assert {"/layers.0/attn/MatMul", "/layers.1/attn/MatMul_1"} <= skipped
     assert abs(accuracy(result.model) - accuracy(model_path("digits_transformer"))) <= 0.01
 
@@ -172,8 +172,9 @@ def test_exclude_and_op_types_keep_nodes_float():
     model = result.model
     fc3 = next(n for n in model.graph.node if n.name == "/fc3/Gemm")
     assert fc3.input[1] == "fc3.weight"  # float weight, no DequantizeLinear
-    skipped = result.steps[-1]["details"]["skipped"]
-    assert {"node": "/fc3/Gemm", "op": "Gemm", "reason": "matches exclude="} in skipped
+    skipped = result.steps[-1]["skipped"]
+    fc3_skip = {"subject": "/fc3/Gemm", "kind": "node", "op": "Gemm", "reason": "matches exclude="}
+    assert fc3_skip in skipped
     cnn = quantize("digits_cnn", f"{FAST},op_types=[Conv]", prefix="fold-batchnorm,")
     runtime = runtime_ops(cnn.model)
     assert runtime.get("QLinearConv") == 5 and "QGemm" not in runtime
@@ -705,7 +706,7 @@ def test_huge_range_masks_never_enter_a_calibrated_range():
     model = _linear_model(nodes, inits, out_shape=(1, 4))
     result = quantize(model, f"{FAST},fallback=none", data=None, budget="none")
     step = result.steps[-1]
-    skipped = {d["node"]: d["reason"] for d in step["details"]["skipped"]}
+    skipped = {d["subject"]: d["reason"] for d in step["skipped"]}
     assert "matmul_b" in skipped and "calibrated range" in skipped["matmul_b"]
     assert step["counts"]["core_quantized"] == 1
     scales = [initializer(result.model, n.input[1]) for n in result.model.graph.node

@@ -77,7 +77,7 @@ by use. Nothing is random: the output is byte-identical run to run.
   otherwise store UINT8 indices with a note. ``true`` raises instead, ``false`` never
   converts. UINT4 raises the IR version to 10.
 
-Does nothing to (reported in ``details["skipped"]`` with the reason): non-float or
+Does nothing to (reported as skipped, with the reason): non-float or
 too-small tensors, tensors with NaN/Inf, graph inputs and outputs, constants also read
 inside a subgraph body, the codebook and scales of an existing rebuild (a second run
 changes nothing), constants no ``ops`` glob matches or an ``exclude`` glob names,
@@ -108,8 +108,9 @@ from onnxopt.passes.codebook.constants import by_dtype, try_half, try_pool
 from onnxopt.passes.codebook.kmeans import Encoded, encode, encode_scaled
 from onnxopt.passes.codebook.measure import row_error, stats
 from onnxopt.passes.codebook.rewrite import Rewriter
-from onnxopt.passes.codebook.selection import Candidate, Selection, Skip, select
+from onnxopt.passes.codebook.selection import Candidate, Selection, select
 from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
+from onnxopt.results import Skip
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ class ShareWeightsPass(Pass):
             try:
                 records.append(self._try_share(rewriter, candidate, stored, found, bits))
             except Skip as reason:
-                skipped.append({"tensor": candidate.tensor.name, "reason": str(reason)})
+                skipped.append(candidate.skip(str(reason)))
         # again: bias correction may have changed or added constants
         graph = rewriter.graph
         pooled = select(graph, opts, chosen.floor).pooled if chosen.pooled else []
@@ -267,7 +268,7 @@ class ShareWeightsPass(Pass):
                 elif record := try_half(rewriter, opts, members, skipped):
                     records.append(record)
             except Skip as reason:
-                skipped.extend({"tensor": m.tensor.name, "reason": str(reason)} for m in members)
+                skipped.extend(m.skip(str(reason)) for m in members)
         return records
 
     def _auto_widths(self, graph, ctx, chosen, index_bits, found):
@@ -561,11 +562,10 @@ class ShareWeightsPass(Pass):
             log.info("share-weights: %s", note)
         details = {
             "tensors": records,
-            "skipped": skipped,
             "index_bits": index_bits or None,
             "kmeans_seconds": round(seconds, 4),
         }
-        return PassResult(changed=bool(records), counts=counts, details=details, notes=notes)
+        return PassResult(bool(records), counts, details, notes, skipped=skipped)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -22,7 +22,8 @@ import onnx_graphsurgeon as gs
 from onnxopt.passes.codebook.kmeans import encode
 from onnxopt.passes.codebook.measure import sqnr, stats
 from onnxopt.passes.codebook.rewrite import Rewriter, split_bytes
-from onnxopt.passes.codebook.selection import Candidate, Skip
+from onnxopt.passes.codebook.selection import Candidate
+from onnxopt.results import Skip
 
 HALF_MIN_SQNR_DB = 60.0  # float16 storage only where it is this faithful (float16: ~66 dB)
 HALF_MAX = 65504.0
@@ -37,7 +38,7 @@ def try_pool(
         if np.all(np.isfinite(member.tensor.values)):
             finite.append(member)
         else:
-            skipped.append({"tensor": member.tensor.name, "reason": "has NaN or Inf values"})
+            skipped.append(member.skip("has NaN or Inf values"))
     if not finite:
         raise Skip("no finite values")
     parts = [m.tensor.values for m in finite]
@@ -103,7 +104,7 @@ def try_half(
         if not reason and opts.materialize and _in_half(values):
             reason = "already holds float16 values"
         if reason:
-            skipped.append({"tensor": member.tensor.name, "reason": reason})
+            skipped.append(member.skip(reason))
             continue
         half = values.astype(np.float16)
         kept.append(member)

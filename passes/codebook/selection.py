@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_nodes
 from onnxopt.pipeline import matches_any
+from onnxopt.results import Skipped
 from onnxopt.weights import WEIGHT_ROLES, WeightRef
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -65,10 +66,6 @@ CONSTANT_INPUTS.update({"LSTM": (3,), "GRU": (3,), "RNN": (3,)})
 NOT_POOLED = {("BatchNormalization", 4)}
 
 
-class Skip(Exception):
-    """A tensor is not encoded; the message is the reason shown in the report."""
-
-
 @dataclass
 class Candidate:
     """A float constant of the main graph and how it is read."""
@@ -86,6 +83,11 @@ class Candidate:
             for position, role in WEIGHT_ROLES.get(node.op, ())
             if position == index and role in SHARED_ROLES
         ]
+
+    def skip(self, reason: str) -> Skipped:
+        """This tensor is left alone, and why (op: its readers' op types)."""
+        ops = "/".join(sorted({node.op for node, _ in self.uses}))
+        return Skipped(self.tensor.name, "tensor", reason, ops)
 
     @property
     def size(self) -> int:
@@ -119,11 +121,11 @@ class Candidate:
 @dataclass
 class Selection:
     """``own``: weights with a codebook of their own; ``pooled``: small constants
-    (float16, or one pooled codebook); ``skipped``: ``{"tensor", "reason"}`` records."""
+    (float16, or one pooled codebook); ``skipped``: the others, with their reasons."""
 
     own: list[Candidate] = field(default_factory=list)
     pooled: list[Candidate] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
     floor: int = 0  # elements a weight needs for a codebook of its own
 
 
@@ -145,7 +147,7 @@ def select(graph: gs.Graph, opts: Any, floor: int | None = None) -> Selection:
         if reason is None:
             eligible.append(candidate)
         elif reason:
-            selection.skipped.append({"tensor": candidate.tensor.name, "reason": reason})
+            selection.skipped.append(candidate.skip(reason))
     if floor is None:
         weights = sum(c.size for c in eligible if c.is_weight)
         floor = max(opts.min_size, int(SMALL_SHARE * weights))
@@ -153,7 +155,7 @@ def select(graph: gs.Graph, opts: Any, floor: int | None = None) -> Selection:
     for candidate in eligible:
         reason = _size_class(opts, floor, candidate, selection)
         if reason:
-            selection.skipped.append({"tensor": candidate.tensor.name, "reason": reason})
+            selection.skipped.append(candidate.skip(reason))
     return selection
 
 

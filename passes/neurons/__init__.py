@@ -78,6 +78,7 @@ from onnxopt.passes.neurons.macs import MacEstimator, count_macs
 from onnxopt.passes.neurons.rewrite import Rewriter, apply
 from onnxopt.passes.neurons.shapes import resolve_shape_parameters, symbolic_dims
 from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
+from onnxopt.results import Skipped
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,8 @@ def _group_records(
                 "channels_before": group.size,
                 "channels_after": group.size - removed,
                 "status": status,
-                "reason": "; ".join(group.reasons),
+                "reason": "; ".join(group.reasons),  # for people; "reasons" for counting
+                "reasons": list(group.reasons),
                 "widths": widths,
             }
         )
@@ -275,7 +277,7 @@ def _group_records(
 
 def _result(cg, groups, before, after, removed, prefolded, notes) -> PassResult:
     blocked = [g for g in groups if g["status"] == "blocked"]
-    reasons = Counter(reason for g in blocked for reason in g["reason"].split("; "))
+    reasons = Counter(reason for g in blocked for reason in g["reasons"])
     counts = {
         "groups": len(groups),
         "groups_pruned": sum(g["status"] == "pruned" for g in groups),
@@ -293,4 +295,7 @@ def _result(cg, groups, before, after, removed, prefolded, notes) -> PassResult:
         "params": {"before": before["params"], "after": after["params"]},
         "macs": {"before": before["macs"], "after": after["macs"]},
     }
-    return PassResult(changed=False, counts=counts, details=details, notes=list(notes))
+    skipped = [
+        Skipped(f"group {g['group']} ({g['producers']})", "group", g["reason"]) for g in blocked
+    ]
+    return PassResult(False, counts, details, list(notes), skipped=skipped)

@@ -89,8 +89,8 @@ class ClipWeightsPass(Pass):
             "values_clipped": clipped,
             "fraction_clipped": round(clipped / total, 6),
         }
-        details = {"tensors": stats, "skipped": selection.skipped}
-        return PassResult(changed=clipped > 0, counts=counts, details=details, notes=notes)
+        details = {"tensors": stats}
+        return PassResult(clipped > 0, counts, details, notes, skipped=selection.skipped)
 
     def _try_clip(self, target: WeightTarget) -> dict | None:
         values = owned_values(target.tensor)

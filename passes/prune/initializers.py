@@ -149,7 +149,7 @@ class PruneInitializersPass(Pass):
     def _run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         options = self.options
         selection = select_weights(graph, options.ops, options.exclude, options.min_size)
-        details: dict = {"skipped": selection.skipped}
+        details: dict = {}
         if options.sparsity == "auto":
             outcome, found = auto.search(graph, selection, ctx, self)
             details.update(found)
@@ -163,7 +163,7 @@ class PruneInitializersPass(Pass):
         for note in outcome.notes:
             log.info("prune-initializers: %s", note)
         changed = counts["weights_zeroed"] > 0 or saved > 0
-        return PassResult(changed=changed, counts=counts, details=details, notes=outcome.notes)
+        return PassResult(changed, counts, details, outcome.notes, skipped=selection.skipped)
 
     def request(self, selection: Selection, sparsity: float | None = None) -> Request:
         """The pass's rule as a :class:`Request` (``sparsity`` overrides the option)."""
@@ -230,7 +230,7 @@ def _counts(outcome: Outcome, selection: Selection, saved: int) -> dict:
         "tensors_pruned": sum(1 for s in stats if s["zeroed"] > 0),
         "weights_zeroed": sum(s["zeroed"] for s in stats),
         "eligible_sparsity": round(zeros / total, 4) if total else 0.0,
-        "skipped_tensors": len(selection.skipped),
+        "skipped": len(selection.skipped),
         "tensors_refitted": outcome.refitted,
         "calibration_runs": outcome.runs,
         "calibration_macs": outcome.macs,

@@ -26,6 +26,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from onnxopt.model import sparse_to_dense
 from onnxopt.passes.prune.selection import RowLayout
 from onnxopt.pipeline import matches_any
+from onnxopt.results import Skipped
 from onnxopt.weights import eligible_weights, output_axis, reduction_axes, role_of
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
@@ -127,7 +128,7 @@ def stored_dtype(tensor: gs.Constant) -> np.dtype | None:
 @dataclass
 class Selection:
     targets: list[WeightTarget] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
 
 
 def select_weights(
@@ -148,7 +149,8 @@ def select_weights(
 def _select(selection: Selection, tensor: gs.Constant, ops, exclude, min_size, is_out) -> None:
     reason = _ineligible_reason(tensor, ops, exclude, min_size, is_out)
     if reason:
-        selection.skipped.append({"tensor": tensor.name, "reason": reason})
+        ops = "/".join(sorted({node.op for node in tensor.outputs}))
+        selection.skipped.append(Skipped(tensor.name, "tensor", reason, ops))
         return
     uses = _uses(tensor)
     layouts = {row_layout(n, i, tuple(tensor.shape)) for n, i in uses}

@@ -36,7 +36,7 @@ MaxPool...). The placement rules are the table in ``qdq.py``.
   within 1e-4 on the calibration samples), refused with ``upgrade=false``. The
   separate ``upgrade-opset`` pass does the same as a step of its own.
 
-Does nothing (no-op, reasons in ``details["skipped"]``) when no Conv/Gemm/MatMul
+Does nothing (no-op, the nodes left float reported as skipped) when no Conv/Gemm/MatMul
 qualifies: weights that are not float32 constants, graphs already quantized, op types
 outside the table. Subgraphs (If/Loop/Scan bodies) are not visited.
 """
@@ -64,6 +64,7 @@ from onnxopt.passes.quantize import (
     upgrade,
 )
 from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
+from onnxopt.results import Skipped
 from onnxopt.weights import output_axis
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ class Job:
         self.calibration = Calibration(ctx, float_graph, options)
         self.notes: list[str] = notes
         self.details: dict = {}
+        self.skipped: list[Skipped] = []  # nodes the first placement left float, and why
         self.upgraded = upgraded
 
     def build(self, float_nodes: frozenset[str]) -> Built:
@@ -190,7 +192,8 @@ class Job:
         if note:
             self.notes.append(note)
         changed = bool(self.upgraded)
-        return PassResult(changed, {"opset_upgraded": int(changed)}, self.details, self.notes)
+        counts = {"opset_upgraded": int(changed)}
+        return PassResult(changed, counts, self.details, self.notes, skipped=self.skipped)
 
     def finish(self, graph: gs.Graph, built: Built) -> PassResult:
         counts = _counts(built, self.upgraded)
@@ -207,7 +210,7 @@ class Job:
             if ratio > 1.0:
                 hint = "" if self.options.speed == "auto" else "; speed=auto keeps slow nodes float"
                 self.notes.append(f"int8 model is {ratio:.2f}x the fp32 latency (1 thread){hint}")
-        return PassResult(True, counts, self.details, self.notes)
+        return PassResult(True, counts, self.details, self.notes, skipped=self.skipped)
 
 
 @register_pass
@@ -281,7 +284,7 @@ class QuantizeInt8Pass(Pass):
         job = Job(ctx, opts, graph.copy(), notes, upgraded)
         job.details["prepare"] = {**folds, "equalized": equalized}
         built = job.build(frozenset())
-        job.details["skipped"] = built.plan.skipped
+        job.skipped = built.plan.skipped
         if not built.plan.core():
             return job.unchanged("no Conv/Gemm/MatMul can be quantized")
         float_nodes: frozenset[str] = frozenset()

@@ -46,6 +46,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.passes.quantize import numerics
 from onnxopt.passes.quantize.numerics import ActivationType, QuantParams
 from onnxopt.pipeline import matches_any
+from onnxopt.results import Skipped
 from onnxopt.weights import output_axis
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,7 @@ class Plan:
     tensors: dict[str, TensorPlan] = field(default_factory=dict)
     absorbed: dict[str, str] = field(default_factory=dict)  # Relu/Clip name -> tensor
     alias: dict[str, str] = field(default_factory=dict)  # absorbed output -> its input
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
 
     def resolve(self, name: str) -> str:
         while name in self.alias:
@@ -367,7 +368,7 @@ def _candidates(graph: gs.Graph, selection: Selection, result: Plan) -> list[gs.
                 reason = None if _variable_float(node.inputs[1]) else "B is not float32"
         if reason is not None:
             if rule.kind == "core":
-                result.skipped.append({"node": node.name, "op": node.op, "reason": reason})
+                result.skipped.append(Skipped(node.name, "node", reason, node.op))
             continue
         candidates.append(node)
     return candidates
