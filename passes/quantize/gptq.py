@@ -80,8 +80,8 @@ class Hessian:
         return False
 
     def update(self, x: np.ndarray) -> None:
-        rows = self._rows(np.asarray(x, np.float32))  # [groups, n, K]
-        self._pending.append(np.array(rows, np.float32))
+        rows = self._rows(np.asarray(x, np.float32))  # [groups, n, K], owned, contiguous
+        self._pending.append(rows)
         self._pending_rows += rows.shape[1]
         self.rows += rows.shape[1]
         if self._pending_rows >= FLUSH_ROWS or self._pending_rows * rows.shape[2] >= FLUSH_ELEMENTS:
@@ -113,14 +113,17 @@ class Hessian:
         return [block[group] for block in self._blocks]
 
     def _rows(self, x: np.ndarray) -> np.ndarray:
+        # a copy: the caller's activation array is not ours to keep
         if self.op == "Gemm":
             a = x.reshape(x.shape[0], -1) if x.ndim != 2 else x
-            return (a.T if int(self.node.attrs.get("transA", 0)) else a)[None]
+            return np.array((a.T if int(self.node.attrs.get("transA", 0)) else a)[None])
         if self.op == "MatMul":
-            return x.reshape(-1, x.shape[-1])[None]
+            return np.array(x.reshape(-1, x.shape[-1])[None])
         return self._patches(x)
 
     def _patches(self, x: np.ndarray) -> np.ndarray:
+        """im2col rows ``[groups, n * P, per_group * kh * kw]`` at ``P`` seeded output
+        positions, gathered straight from ``x`` (padding read as zeros, never built)."""
         weight = self.node.inputs[1].values
         one_d = weight.ndim == 3
         if one_d:
@@ -132,21 +135,30 @@ class Hessian:
         pads = _pads(attrs, x.shape[2:], (kh, kw), strides, dilations, one_d)
         if one_d:
             strides, dilations = [1, *strides], [1, *dilations]
-        padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        n, c, height, width = x.shape
         span_h, span_w = dilations[0] * (kh - 1) + 1, dilations[1] * (kw - 1) + 1
-        windows = np.lib.stride_tricks.sliding_window_view(padded, (span_h, span_w), (2, 3))
-        windows = windows[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]
-        n, c, oh, ow = windows.shape[:4]
+        oh = (height + pads[0] + pads[2] - span_h) // strides[0] + 1
+        ow = (width + pads[1] + pads[3] - span_w) // strides[1] + 1
         count = oh * ow
         chosen = np.arange(count)
         if count > POSITIONS_PER_SAMPLE:
             chosen = np.sort(self.rng.choice(count, POSITIONS_PER_SAMPLE, replace=False))
         ys, xs = np.divmod(chosen, ow)
-        patches = windows[:, :, ys, xs]  # [n, c, P, kh, kw]
-        patches = np.moveaxis(patches, 2, 1).reshape(n * len(chosen), c, kh * kw)
+        rows = ys[:, None] * strides[0] - pads[0] + np.arange(kh) * dilations[0]  # [P, kh]
+        cols = xs[:, None] * strides[1] - pads[1] + np.arange(kw) * dilations[1]  # [P, kw]
+        inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[
+            :, None, :
+        ]
+        rows, cols = np.clip(rows, 0, height - 1), np.clip(cols, 0, width - 1)
+        moved = np.moveaxis(x, 1, -1)  # [n, H, W, c]: the gather below lands channel-last
+        patches = moved[:, rows[:, :, None], cols[:, None, :]]  # [n, P, kh, kw, c]
+        if not inside.all():
+            patches[:, ~inside] = 0.0
         per_group = c // self.groups
-        grouped = patches.reshape(-1, self.groups, per_group * kh * kw)
-        return np.moveaxis(grouped, 1, 0)
+        patches = patches.reshape(n, len(chosen), kh * kw, self.groups, per_group)
+        # [groups, n, P, per_group, kh * kw]: the weight's (in-channel, kernel) order
+        grouped = patches.transpose(3, 0, 1, 4, 2)
+        return np.ascontiguousarray(grouped).reshape(self.groups, -1, per_group * kh * kw)
 
 
 def _pads(attrs, spatial, kernel, strides, dilations, one_d: bool) -> list[int]:
@@ -203,29 +215,49 @@ def gptq_quantize(
     within ``[-levels, levels]``."""
     matrices = weight_matrices(node, weight, hessian.groups)
     per_group = len(scale) // hessian.groups
-    result = []
+    spans = column_blocks(matrices[0].shape[1])
+    items = []
     for g, matrix in enumerate(matrices):
         s = scale[g * per_group : (g + 1) * per_group]
-        blocks = hessian.blocks(g)
-        spans = column_blocks(matrix.shape[1])
-        pieces = [_gptq(matrix[:, a:b], h, s, -levels, levels) for (a, b), h in zip(spans, blocks)]
-        result.append(np.concatenate(pieces, axis=1))
+        for (a, b), h in zip(spans, hessian.blocks(g)):
+            items.append((matrix[:, a:b], h, s, None))
+    pieces = round_many(items, -levels, levels)
+    result = [np.concatenate(pieces[g * len(spans) : (g + 1) * len(spans)], axis=1)
+              for g in range(len(matrices))]  # fmt: skip
     return from_matrices(node, result, weight.shape).astype(np.int8)
 
 
-def _gptq(
-    w: np.ndarray,
-    h: np.ndarray,
-    scale: np.ndarray,
-    qmin: int = -127,
-    qmax: int = 127,
-    zero: np.ndarray | None = None,
-) -> np.ndarray:
-    """Integer matrix ``[out, K]`` for one group (see the module docstring).
+def round_many(
+    items: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]],
+    qmin: int,
+    qmax: int,
+) -> list[np.ndarray]:
+    """:func:`_gptq` of each ``(w, h, scale, zero)``, the same numbers, but items of one
+    shape go through the column sweep together (a depthwise convolution is hundreds of
+    9-column problems: one Python loop over 9 columns instead of hundreds)."""
+    out: list[np.ndarray | None] = [None] * len(items)
+    batches: dict[tuple, list[int]] = {}
+    for i, (w, _, scale, zero) in enumerate(items):
+        key = (w.shape, np.shape(scale), None if zero is None else np.shape(zero))
+        batches.setdefault(key, []).append(i)
+    for members in batches.values():
+        if len(members) == 1:
+            i = members[0]
+            out[i] = _gptq(*items[i][:3], qmin, qmax, items[i][3])
+            continue
+        batch = [items[i] for i in members]
+        try:
+            results = _gptq_batch(batch, qmin, qmax)
+        except np.linalg.LinAlgError:  # one Hessian is not positive definite
+            results = [_gptq(w, h, s, qmin, qmax, z) for w, h, s, z in batch]
+        for i, q in zip(members, results):
+            out[i] = q
+    return out  # type: ignore[return-value]
 
-    ``scale`` is per row (``[out]``) or per element (``[out, K]``, blocked scales);
-    ``zero`` (same shapes) is the zero point of asymmetric grids.
-    """
+
+def _prepared(w, h, scale, zero) -> tuple[np.ndarray, ...]:
+    """One problem made ready for the sweep: dead inputs zeroed, act-order, damping.
+    Returns ``w, h, s, z`` (permuted, float32) and the inverse permutation."""
     w = w.astype(np.float32)
     h = h.astype(np.float32)
     k = w.shape[1]
@@ -241,24 +273,57 @@ def _gptq(
     order = np.argsort(-np.diag(h), kind="stable")
     w, h, s, z = w[:, order], h[np.ix_(order, order)], s[:, order], z[:, order]
     h += np.float32(DAMP * np.mean(np.diag(h))) * np.eye(k, dtype=np.float32)
-    restore = np.argsort(order)
+    return w, h, s, z, np.argsort(order)
+
+
+def _gptq(
+    w: np.ndarray,
+    h: np.ndarray,
+    scale: np.ndarray,
+    qmin: int = -127,
+    qmax: int = 127,
+    zero: np.ndarray | None = None,
+) -> np.ndarray:
+    """Integer matrix ``[out, K]`` for one group (see the module docstring).
+
+    ``scale`` is per row (``[out]``) or per element (``[out, K]``, blocked scales);
+    ``zero`` (same shapes) is the zero point of asymmetric grids.
+    """
+    w, h, s, z, restore = _prepared(w, h, scale, zero)
     try:
         upper = np.linalg.cholesky(np.linalg.inv(h)).T
     except np.linalg.LinAlgError:
         log.debug("GPTQ: Hessian not positive definite; nearest rounding")
         return np.clip(np.rint(w / s) + z, qmin, qmax)[:, restore]
+    return _sweep(w[None], upper[None], s[None], z[None], qmin, qmax)[0][:, restore]
+
+
+def _gptq_batch(batch: list[tuple], qmin: int, qmax: int) -> list[np.ndarray]:
+    """:func:`_gptq` of problems of one shape, stacked (raises LinAlgError if one fails)."""
+    prepared = [_prepared(*item) for item in batch]
+    w, h, s, z = (np.stack([p[i] for p in prepared]) for i in range(4))
+    upper = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)
+    q = _sweep(w, upper, s, z, qmin, qmax)
+    return [q[g][:, p[4]] for g, p in enumerate(prepared)]
+
+
+def _sweep(w, upper, s, z, qmin: int, qmax: int) -> np.ndarray:
+    """The column sweep over stacked problems ``w [G, out, K]`` (``upper [G, K, K]``):
+    quantize a column, spread its error over the later columns of its block, and the
+    block's errors over the columns after the block in one product (lazy batch)."""
+    k = w.shape[2]
     q = np.zeros_like(w)
     for start in range(0, k, BLOCK):
         end = min(start + BLOCK, k)
-        block = w[:, start:end].copy()
+        block = w[:, :, start:end].copy()
         errors = np.zeros_like(block)
-        hinv = upper[start:end, start:end]
+        hinv = upper[:, start:end, start:end]
         for i in range(end - start):
-            column, col_s, col_z = block[:, i], s[:, start + i], z[:, start + i]
+            column, col_s, col_z = block[:, :, i], s[:, :, start + i], z[:, :, start + i]
             levels = np.clip(np.rint(column / col_s) + col_z, qmin, qmax)
-            q[:, start + i] = levels
-            error = (column - (levels - col_z) * col_s) / hinv[i, i]
-            block[:, i:] -= np.outer(error, hinv[i, i:])
-            errors[:, i] = error
-        w[:, end:] -= errors @ upper[start:end, end:]
-    return q[:, restore]
+            q[:, :, start + i] = levels
+            error = (column - (levels - col_z) * col_s) / hinv[:, i, i, None]
+            block[:, :, i:] -= error[:, :, None] * hinv[:, None, i, i:]
+            errors[:, :, i] = error
+        w[:, :, end:] -= errors @ upper[:, start:end, end:]
+    return q

@@ -458,15 +458,15 @@ def _gptq_levels(
     w_m = gptq.weight_matrices(node, w, groups)
     s_m = gptq.weight_matrices(node, scale, groups)
     z_m = gptq.weight_matrices(node, zero, groups) if zero is not None else [None] * groups
-    result = []
+    spans = gptq.column_blocks(w_m[0].shape[1])
+    items = []
     for g in range(groups):
-        spans = gptq.column_blocks(w_m[g].shape[1])
-        pieces = [
-            gptq._gptq(w_m[g][:, a:b], h, s_m[g][:, a:b], grid.qmin, grid.qmax,
-                       None if z_m[g] is None else z_m[g][:, a:b])
-            for (a, b), h in zip(spans, hessian.blocks(g))
-        ]  # fmt: skip
-        result.append(np.concatenate(pieces, axis=1))
+        for (a, b), h in zip(spans, hessian.blocks(g)):
+            zero_g = None if z_m[g] is None else z_m[g][:, a:b]
+            items.append((w_m[g][:, a:b], h, s_m[g][:, a:b], zero_g))
+    pieces = gptq.round_many(items, grid.qmin, grid.qmax)
+    result = [np.concatenate(pieces[g * len(spans) : (g + 1) * len(spans)], axis=1)
+              for g in range(groups)]  # fmt: skip
     return gptq.from_matrices(node, result, w.shape).astype(grid.carrier)
 
 
