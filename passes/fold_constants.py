@@ -292,6 +292,7 @@ def _inferred_dims(
             nbytes = int(np.prod(tensor.shape, dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
             if nbytes > SHAPE_INFERENCE_VALUE_LIMIT:
                 tensor.to_variable(shape=list(tensor.shape))
+                tensor.type = "tensor_type"  # graphsurgeon 0.6's to_variable leaves it unset
                 probe.inputs.append(tensor)
     graph_inputs = {id(t) for t in probe.inputs}
     # Declared intermediate shapes may be stale: let inference recompute them.

@@ -289,6 +289,23 @@ def test_fold_constants_shape_chain_with_dynamic_batch() -> None:
     assert result.counts["shape_values_folded"] == 3
 
 
+def test_fold_constants_shape_chain_beside_a_large_weight() -> None:
+    """Weights over 1 MiB become graph inputs of the shape-inference probe (their
+    values are not needed); graphsurgeon 0.6's ``to_variable`` left them without a
+    ``type`` and the export failed, so no shape was folded on PP-OCRv4 rec."""
+    model = build(SHAPE_CHAIN)
+    weight = np.random.default_rng(0).standard_normal((600, 600)).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(weight, "W"))
+    model.graph.input.append(helper.make_tensor_value_info("v", TensorProto.FLOAT, ["B", 600]))
+    model.graph.node.append(helper.make_node("MatMul", ["v", "W"], ["z"]))
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["B", 600]))
+    samples = feeds(model, x=(3, 3, 4), v=(3, 600))
+    out, result = check_pass("fold-constants", model, samples)
+    assert not [n for n in result.notes if "shape inference failed" in n]
+    assert sorted(ops(out)) == ["MatMul", "Reshape"]
+    assert result.counts["shape_values_folded"] == 3
+
+
 def test_fold_constants_shapes_off_is_a_no_op() -> None:
     model = build(SHAPE_CHAIN)
     out, result = apply("fold-constants", model, shapes=False)
