@@ -694,7 +694,9 @@ class PassManager:
             # collection, the pass's graphs and the weights they cached stay alive
             # through validation (2 GiB on the 2 GiB model's quantize-int8 step)
             gc.collect()
-            outputs, problems = self._validate(candidate, state, record, budget)
+            outputs, problems = self._validate(
+                candidate, state, record, budget, rounding_floor=step.budget is None
+            )
         except PassCannotRun as exc:
             # this model is out of the pass's reach (e.g. an op training has no gradient
             # for): the step is rolled back with the reason, the run goes on
@@ -743,8 +745,18 @@ class PassManager:
         total.notes.extend(_warning_notes(caught))
         return total
 
-    def _validate(self, candidate, state: _RunState, record: StepRecord, budget: Budget):
-        """Structural checks, session build, numeric comparison -> (outputs, problems)."""
+    def _validate(
+        self,
+        candidate,
+        state: _RunState,
+        record: StepRecord,
+        budget: Budget,
+        rounding_floor: bool = False,
+    ):
+        """Structural checks, session build, numeric comparison -> (outputs, problems).
+
+        ``rounding_floor``: a lossless step over its strict budget is still accepted
+        where it stays within the float rounding of this model (``_within_rounding``)."""
         report, _ = structural_checks(candidate)
         problems = [
             f"{check}: {msg}"
@@ -768,10 +780,66 @@ class PassManager:
         record.vs_original = compare_outputs(state.reference, outputs, budget.tolerance, scores)
         record.vs_previous = compare_outputs(state.previous, outputs, budget.tolerance, scores)
         if record.lossless:
-            return outputs, budget.violations(record.vs_previous)
+            problems = budget.violations(record.vs_previous)
+            if problems and rounding_floor:
+                problems = _within_rounding(state, record, budget)
+            return outputs, problems
         problems = budget.violations(record.vs_original)
         record.vs_original_deployed, deployed_problems = _deployed_check(candidate, state, budget)
         return outputs, problems + deployed_problems
+
+
+ROUNDING_MARGIN = 2.0  # x onnxruntime's own deviation; two roundings of one fold differ
+
+
+def _within_rounding(state: _RunState, record: StepRecord, budget: Budget) -> list[str]:
+    """The violations of a lossless step that remain once float rounding is allowed
+    for: an output over the strict ``atol/rtol`` is accepted when its max abs error is
+    within ``ROUNDING_MARGIN`` x what onnxruntime's own graph optimizations (Conv+BN
+    fusion, Gemm fusion...) change on the *original* model, on the same samples, and
+    its SQNR within 6 dB of theirs. Deep networks amplify fp32 re-rounding: on
+    PP-OCRv4 rec onnxruntime's optimizations move the softmax by 5.6e-4 (90 dB) while
+    fold-batchnorm moved it by 5.8e-5, ten times less, and was rolled back by the
+    strict budget. Anything else (new NaN/Inf, integer outputs, a larger error) stays
+    a violation. The step gets a note saying so."""
+    if state.rounding is None:
+        state.rounding = _runtime_rounding(state)
+    problems, excused = [], []
+    for name, m in record.vs_previous.items():
+        found = budget.violations({name: m})
+        floor = state.rounding.get(name)
+        if (
+            found
+            and floor is not None
+            and floor.max_abs > 0
+            and m.is_float
+            and m.nonfinite == 0
+            and all(p.startswith(f"{name}: max_abs") for p in found)
+            and m.max_abs <= ROUNDING_MARGIN * floor.max_abs
+            and m.sqnr >= floor.sqnr - 6.0
+        ):
+            excused.append(
+                f"{name}: max_abs {m.max_abs:.3g} ({m.sqnr:.1f} dB) is over {budget} but "
+                f"onnxruntime's own optimizations move the original's output by "
+                f"{floor.max_abs:.3g} ({floor.sqnr:.1f} dB)"
+            )
+        else:
+            problems += found
+    if problems:
+        return problems
+    if record.result is not None:
+        record.result.notes.extend(f"lossless within float rounding: {e}" for e in excused)
+    return []
+
+
+def _runtime_rounding(state: _RunState) -> dict[str, OutputMetrics]:
+    """How far onnxruntime's graph optimizations move the original's outputs."""
+    try:
+        session = runtime.make_session(state.original, optimize=True, prepack=False)
+        outputs = runtime.run_samples(session, state.validation)
+        return compare_outputs(state.reference, outputs, None, state.class_scores)
+    except Exception:  # no yardstick: the strict budget stands
+        return {}
 
 
 def _deployed_check(
@@ -785,7 +853,7 @@ def _deployed_check(
 
     A candidate without quantization ops skips it: its deployed form only fuses float
     ops (Conv+BatchNorm, Gemm+activation), whose differences stay at float rounding
-    (1e-4 absolute on PP-OCRv4 rec, SQNR > 100 dB), far inside any lossy budget; the
+    (5.6e-4 absolute on PP-OCRv4 rec's softmax, 90 dB), far inside any lossy budget; the
     second session build and run doubled the check's time and, on a 512 MiB model,
     its memory."""
     if not has_quantized_ops(candidate):
@@ -878,6 +946,8 @@ class _RunState:
     previous: list[dict[str, np.ndarray]]
     # Outputs a classifier head computes: the only ones judged by top-1 agreement.
     class_scores: frozenset[str] = frozenset()
+    # onnxruntime's own optimizations vs the original, measured when first needed
+    rounding: dict[str, OutputMetrics] | None = None
 
 
 # ---------------------------------------------------------------------------- TOML files

@@ -219,7 +219,8 @@ def _reason_lines(step: dict[str, Any], width: int | None) -> list[str]:
     pass's own note, else the first thing it skipped), indented under its row."""
     limit = max(40, (width or 10**6) - 6)
     if step["status"] == "accepted":  # only what the user must see: numeric trouble
-        warned = [n for n in step.get("notes") or [] if n.startswith("numpy warning")]
+        shown = ("numpy warning", "lossless within float rounding")
+        warned = [n for n in step.get("notes") or [] if n.startswith(shown)]
         return ["     " + line for n in warned for line in textwrap.wrap(f"note: {n}", limit)]
     reason = step.get("reason") or ""
     if not reason and step.get("notes"):

@@ -308,3 +308,92 @@ def test_numpy_warnings_in_a_pass_become_notes_not_terminal_noise(recwarn):
     assert "overflow" in note and "2 times" in note and "test_manager.py" in note
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
     assert "note: numpy warning during the pass: overflow" in format_table(result.report)
+
+
+def _deep_bn_model(layers: int = 16, ch: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """16 x (Conv 3x3 -> BatchNormalization -> Relu) -> Flatten -> MatMul -> x1.7 ->
+    Softmax: deep enough that fp32 re-rounding (Conv+BN fusion) moves the softmax by
+    ~3e-5, over the strict lossless budget (atol 1e-5 + rtol 1e-4)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        w = rng.standard_normal((ch, ch, 3, 3)) * (1.5 / np.sqrt(ch * 9))
+        stats = {
+            "g": rng.uniform(0.5, 2, ch),
+            "b": rng.standard_normal(ch) * 0.1,
+            "m": rng.standard_normal(ch) * 0.1,
+            "v": rng.uniform(0.5, 2.0, ch),
+        }
+        inits.append(numpy_helper.from_array(w.astype(np.float32), f"w{i}"))
+        inits += [
+            numpy_helper.from_array(v.astype(np.float32), f"{k}{i}") for k, v in stats.items()
+        ]
+        nodes += [
+            helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+            helper.make_node(
+                "BatchNormalization", [f"c{i}", *(f"{k}{i}" for k in "gbmv")], [f"n{i}"]
+            ),
+            helper.make_node("Relu", [f"n{i}"], [f"r{i}"]),
+        ]
+        x = f"r{i}"
+    fc = rng.standard_normal((ch * 144, 10)) / 12
+    inits += [
+        numpy_helper.from_array(fc.astype(np.float32), "fc"),
+        numpy_helper.from_array(np.array(1.7, np.float32), "s"),
+    ]
+    nodes += [
+        helper.make_node("Flatten", [x], ["f"]),
+        helper.make_node("MatMul", ["f", "fc"], ["l"]),
+        helper.make_node("Mul", ["l", "s"], ["ls"]),
+        helper.make_node("Softmax", ["ls"], ["y"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "deep-bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ch, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_lossless_step_within_onnxruntimes_own_rounding_is_accepted_with_a_note():
+    from onnxopt.report import format_table
+
+    model = _deep_bn_model()
+    result = onnxopt.optimize(model, "fold-batchnorm")
+    step = result.steps[0]
+    assert step["status"] == "accepted", step["reason"]
+    err = step["metrics_vs_previous"]["y"]["max_abs"]
+    assert err > 1e-5  # over the strict budget (the strict run below is rolled back)
+    [note] = [n for n in step["notes"] if n.startswith("lossless within float rounding")]
+    assert "onnxruntime's own optimizations move the original's output by" in note
+    assert "lossless within float rounding" in format_table(result.report)
+    assert step["metrics_vs_previous"]["y"]["sqnr"] > 90
+    # A budget the user sets is applied as given; a real error is not rounding.
+    strict = onnxopt.optimize(model, 'fold-batchnorm(budget="atol=1e-5,rtol=1e-4")')
+    assert strict.steps[0]["status"] == "rolled back"
+    register_pass(MatMulDrift)
+    try:
+        drift = onnxopt.optimize(model, "test-matmul-drift")
+    finally:
+        unregister_pass(MatMulDrift.name)
+    assert drift.steps[0]["status"] == "rolled back"
+    assert "atol=1e-05" in drift.steps[0]["reason"]
+
+
+class MatMulDrift(Pass):
+    """Claims to be lossless, moves the MatMul weights by 1e-2 relative: far over the
+    rounding of the deep model above."""
+
+    name = "test-matmul-drift"
+    summary = "fake lossless"
+    lossless = True
+
+    def run(self, graph, ctx):
+        for node in graph.nodes:
+            if node.op == "MatMul" and isinstance(node.inputs[1], gs.Constant):
+                node.inputs[1].values = node.inputs[1].values * np.float32(1 + 1e-2)
+        return PassResult(changed=True)
