@@ -78,6 +78,9 @@ class DistillPass(Pass):
             3600.0, "seconds before training is stopped (0: none)", range=(0, 1e7)
         )
         python: str = option("", "adjunct interpreter (default: the train-env venv)")
+        freeze: tuple[str, ...] = option(
+            (), "tensor names (globs) kept frozen, e.g. those before an op without gradient"
+        )
 
         def validate(self) -> None:
             if self.labels and not self.data:
@@ -99,6 +102,7 @@ class DistillPass(Pass):
             weight_decay=o.weight_decay,
             holdout=o.holdout,
             seed=ctx.seed,
+            freeze=tuple(o.freeze),
         )
         result = distill(
             ctx.original,

@@ -63,6 +63,7 @@ class DistillOptions:
     holdout: float = 0.1
     seed: int = 0
     threads: int = 0
+    freeze: tuple[str, ...] = ()  # glob patterns of tensor names kept frozen
 
     def validate(self, has_labels: bool) -> None:
         checks = [
@@ -110,6 +111,7 @@ class DistillResult:
     check_max_abs: float  # restored model vs the worker's outputs
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    coverage: dict[str, Any] = field(default_factory=dict)  # the trainable path's ops
 
     @property
     def before(self) -> dict[str, Any]:
@@ -135,6 +137,7 @@ class DistillResult:
             "history": self.history,
             "notes": self.notes,
             "settings": self.settings,
+            "op_coverage": self.coverage,
         }
 
 
@@ -180,8 +183,14 @@ def distill(
     options.validate(label_array is not None)
     adjunct = env.find_python(python)
     targets = _pair_targets(teacher_model.proto, student_model.proto)
-    copy = convert.prepare(student_model.proto, samples[:4])
     layout = _layout(student_model.proto)
+    copy = convert.prepare(
+        student_model.proto,
+        samples[:4],
+        targets=[student for student, _ in targets],
+        freeze=tuple(options.freeze),
+        input_shapes=_data_shapes(samples, layout),
+    )
     input_names = [s.name for s in input_specs(student_model.proto)]
     inputs = _combine(samples, input_names, layout)
     teachers = _teacher_outputs(teacher_model.proto, samples, targets, layout)
@@ -213,6 +222,7 @@ def distill(
         check_max_abs=check,
         notes=notes,
         settings=settings,
+        coverage=copy.coverage.summary() if copy.coverage is not None else {},
     )
 
 
@@ -260,6 +270,20 @@ def _layout(student: onnx.ModelProto) -> str:
     specs = input_specs(student)
     dynamic = all(s.shape and not isinstance(s.shape[0], int) for s in specs)
     return "rows" if dynamic else "samples"
+
+
+def _data_shapes(samples: Sequence[Feed], layout: str) -> dict[str, list[int | str]]:
+    """Per input, the dimensions every sample shares (rows: the first stays dynamic)."""
+    shapes: dict[str, list[int | str]] = {}
+    for name in samples[0] if samples else {}:
+        found = {tuple(np.shape(s[name])) for s in samples}
+        if len(found) != 1:
+            continue
+        shape: list[int | str] = list(found.pop())
+        if layout == "rows" and shape:
+            shape[0] = "rows"
+        shapes[name] = shape
+    return shapes
 
 
 def _combine(samples: Sequence[Feed], names: Sequence[str], layout: str) -> list[np.ndarray]:

@@ -79,6 +79,14 @@ def add_subcommands(subparsers, common_parents: list[argparse.ArgumentParser]) -
     p.add_argument("--seed", type=int, default=0, help="shuffling and split seed (default 0)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: default)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds (0: none)")
+    p.add_argument(
+        "--freeze",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="keep the tensors whose names match frozen (repeatable), e.g. to train only "
+        "past an op onnxruntime-training cannot differentiate",
+    )
     p.add_argument("--python", help="adjunct interpreter (default: the train-env venv)")
     p.add_argument("--report", help="write the training history as JSON here")
     p.set_defaults(handler=cmd_distill)
@@ -158,6 +166,7 @@ def cmd_distill(args) -> int:
         holdout=args.holdout,
         seed=args.seed,
         threads=args.threads,
+        freeze=tuple(args.freeze),
     )
     result = distill(
         args.teacher,

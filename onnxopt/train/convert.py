@@ -5,13 +5,17 @@ turns a student into a model it can train:
 
 1. import through ``onnxopt.graph.to_graph`` (Constant-node weights become
    initializers); the exported result is the *base* the trained weights go back into;
-2. refuse quantized students, pick the trainable initializers and apply the training
-   edits (:mod:`onnxopt.train.student`);
+2. refuse quantized students, pick the trainable initializers (minus those matched by
+   the ``freeze`` globs) and apply the training edits (:mod:`onnxopt.train.student`);
 3. convert the default-domain opset with ``onnx.version_converter``: above 21 down to
    21, below 13 up to 13 (the loss block uses opset-13 semantics of Softmax /
    SoftmaxCrossEntropyLoss); 13-21 is left alone. The IR version is lowered to 10
    when higher (tensor types newer than IR 10 are refused);
-4. validate: ``onnx.checker``, every trainable initializer still present with the same
+4. op coverage (:mod:`onnxopt.train.coverage`): every node on the trainable path whose
+   op onnxruntime-training cannot differentiate is replaced by its training rewrite
+   (:mod:`onnxopt.train.rewrites`); one without a rewrite stops here with
+   :class:`~onnxopt.train.coverage.NoGradientError` (op, node, position, ``freeze=``);
+5. validate: ``onnx.checker``, every trainable initializer still present with the same
    shape, and the copy's outputs equal the base's in onnxruntime (optimizations off)
    on the given samples within ``atol=1e-5, rtol=1e-4``. Any failure is an error that
    names the step; nothing is trained on an unverified conversion.
@@ -36,6 +40,8 @@ from onnxopt import runtime
 from onnxopt.check import LOSSLESS_BUDGET, compare_outputs
 from onnxopt.errors import ModelError, UsageError, first_line
 from onnxopt.model import opset_version
+from onnxopt.train import coverage as op_coverage
+from onnxopt.train import rewrites
 from onnxopt.train import student as student_graph
 
 log = logging.getLogger(__name__)
@@ -57,31 +63,105 @@ class TrainingCopy:
     ir_version: tuple[int, int]
     edits: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    coverage: op_coverage.Coverage | None = None
 
 
-def prepare(student: onnx.ModelProto, samples: Sequence[Mapping[str, np.ndarray]]) -> TrainingCopy:
-    """Build and validate the training copy of ``student`` (see the module docstring)."""
+def prepare(
+    student: onnx.ModelProto,
+    samples: Sequence[Mapping[str, np.ndarray]],
+    *,
+    targets: Sequence[str] | None = None,
+    freeze: Sequence[str] = (),
+    input_shapes: Mapping[str, Sequence[int | str]] | None = None,
+) -> TrainingCopy:
+    """Build and validate the training copy of ``student`` (see the module docstring).
+
+    ``targets``: the distilled outputs (default: all); ``freeze``: glob patterns of
+    tensor names that stay frozen although they could train; ``input_shapes``: the
+    shapes the training data has (ints fix a dimension, strings leave it dynamic).
+    """
     graph = graph_utils.to_graph(student)
     base = graph_utils.to_model(graph.copy(), student)
     student_graph.refuse_quantized(graph)
     trainable, notes = student_graph.trainable_parameters(graph)
+    trainable, frozen = op_coverage.select_frozen(trainable, freeze)
     if not trainable:
         raise UsageError(
             "the student has no trainable float32 parameters (weights of Conv/Gemm/MatMul, "
-            "normalization scales, biases...): nothing to distill"
+            "normalization scales, biases...)"
+            + (" left after freeze=" if frozen else "")
+            + ": nothing to distill"
         )
-    typed = onnx.shape_inference.infer_shapes(graph_utils.to_model(graph, student))
+    untyped = graph_utils.to_model(graph, student)
+    _fix_input_shapes(untyped, input_shapes or {})
+    typed = onnx.shape_inference.infer_shapes(untyped, data_prop=True)
     graph = graph_utils.to_graph(typed)
     edits = student_graph.edit_for_training(graph)
     edited = graph_utils.to_model(graph, student)
     original_opset = opset_version(base) or MIN_OPSET
     model, target = _convert_opset(edited, original_opset)
+    outputs = list(targets) if targets else [o.name for o in model.graph.output]
+    model, coverage = _cover(model, trainable, outputs)
+    coverage.frozen = frozen
     ir = (base.ir_version, min(base.ir_version, MAX_IR))
     _lower_ir(model, ir[1])
     _check(model, trainable, base, samples)
     if target != original_opset:
         notes.append(f"trained at opset {target} (student has opset {original_opset})")
-    return TrainingCopy(model, base, trainable, (original_opset, target), ir, edits, notes)
+    for op, count in sorted(coverage.rewritten.items()):
+        notes.append(
+            f"training rewrite: {op} x{count} (differentiable form; the output keeps {op})"
+        )
+    for op, count in sorted(coverage.by_status("unknown").items()):
+        notes.append(f"{op} x{count} on the trainable path was never probed for a gradient")
+    if frozen:
+        notes.append(f"frozen by freeze=: {len(frozen)} tensor(s)")
+    return TrainingCopy(
+        model, base, trainable, (original_opset, target), ir, edits, notes, coverage
+    )
+
+
+def _fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int | str]]) -> None:
+    """Give the training copy's inputs the data's static dimensions: onnxruntime-training
+    1.19.2 crashes (SIGSEGV) in MaxPool's gradient when the spatial dimensions are
+    symbolic, and static shapes let the rewrites see sequence lengths."""
+    for value in model.graph.input:
+        shape = shapes.get(value.name)
+        dims = value.type.tensor_type.shape.dim
+        if shape is None or len(shape) != len(dims):
+            continue
+        for dim, size in zip(dims, shape):
+            if isinstance(size, int) and not dim.HasField("dim_value"):
+                dim.Clear()
+                dim.dim_value = size
+    del model.graph.value_info[:]  # re-inferred from the fixed inputs
+
+
+def _cover(
+    model: onnx.ModelProto, trainable: Sequence[str], targets: Sequence[str]
+) -> tuple[onnx.ModelProto, op_coverage.Coverage]:
+    """Classify the trainable path; rewrite what needs it; raise where nothing helps."""
+    typed = onnx.shape_inference.infer_shapes(model)
+    graph = graph_utils.to_graph(typed)
+    graph.toposort()
+    path = op_coverage.trainable_path(graph, trainable, targets)
+    nodes = []
+    for position, node, upstream in path:
+        status, reason = op_coverage.classify(node, lambda n: rewrites.why_not(graph, n))
+        nodes.append(op_coverage.PathNode(node.op, node.name, position, status, reason, upstream))
+    coverage = op_coverage.Coverage(nodes, len(graph.nodes))
+    blocked = [n for n in nodes if n.status == "none"]
+    if blocked:
+        raise op_coverage.no_gradient_error(blocked[0], len(graph.nodes), trainable)
+    rewritten = [node for (_, node, _), n in zip(path, nodes) if n.status == "rewrite"]
+    for node in rewritten:
+        coverage.rewritten[node.op] = coverage.rewritten.get(node.op, 0) + 1
+        if not rewrites.rewrite(graph, node):
+            raise ModelError(f"the training rewrite of {node.op} {node.name!r} failed to apply")
+    if not rewritten:
+        return model, coverage
+    graph.cleanup().toposort()
+    return graph_utils.to_model(graph, model), coverage
 
 
 def _convert_opset(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto, int]:

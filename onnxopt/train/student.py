@@ -5,7 +5,8 @@ the role of a learned parameter —
 
 - weights and biases of Conv / ConvTranspose / Gemm / MatMul and Gather tables
   (``onnxopt.graph.weight_refs``), the scale and bias of BatchNormalization,
-  LayerNormalization, InstanceNormalization and GroupNormalization, PRelu slopes;
+  LayerNormalization, InstanceNormalization and GroupNormalization, PRelu slopes,
+  the W / R / B tensors of LSTM / GRU / RNN;
 - a constant operand of Add / Mul with more than one element whose other operand is
   not a graph input: biases of MatMul+Add, positional embeddings, layer scales (but
   not input preprocessing such as ``Mul(input, std)``);
@@ -54,6 +55,9 @@ NORM_PARAMS: dict[str, tuple[int, ...]] = {
     "InstanceNormalization": (1, 2),
     "GroupNormalization": (1, 2),
     "PRelu": (1,),
+    "LSTM": (1, 2, 3),  # W, R, B (trained through the unrolled training form)
+    "GRU": (1, 2, 3),
+    "RNN": (1, 2, 3),
 }
 AFFINE_OPS = ("Add", "Mul")
 # op -> index of the input that carries the value through unchanged (up to layout)
@@ -201,7 +205,8 @@ def _try_decompose_batchnorm(graph: gs.Graph, node: gs.Node) -> bool:
     if node.attrs.get("training_mode", 0) or len(node.outputs) != 1:
         return False
     x, scale, bias, mean, var = node.inputs[:5]
-    if x.shape is None:
+    rank = _rank(x)
+    if rank is None:
         raise PassCannotRun(
             f"BatchNormalization {node.name!r}: the rank of its input {x.name!r} is "
             "unknown, so it cannot be rewritten for training; export the model with "
@@ -209,7 +214,7 @@ def _try_decompose_batchnorm(graph: gs.Graph, node: gs.Node) -> bool:
         )
     prefix = f"{node.name or node.outputs[0].name}/train"
     channels = int(scale.shape[0]) if scale.shape else -1
-    dims = np.array([channels] + [1] * (len(x.shape) - 2), np.int64)
+    dims = np.array([channels] + [1] * (rank - 2), np.int64)
     shape = gs.Constant(f"{prefix}/shape", dims)
     epsilon = np.array(node.attrs.get("epsilon", 1e-5), dtype=np.float32)
     eps = gs.Constant(f"{prefix}/epsilon", epsilon)
@@ -233,6 +238,19 @@ def _try_decompose_batchnorm(graph: gs.Graph, node: gs.Node) -> bool:
         gs.Node("Add", f"{prefix}/Add", inputs=[scaled, b], outputs=[y]),
     ]
     return True
+
+
+def _rank(tensor: gs.Tensor) -> int | None:
+    """The rank of ``tensor``: inferred, or that of the Conv weight that produced it
+    (shape inference loses ranks behind Shape-computed Reshapes, as in PP-OCR rec)."""
+    if tensor.shape is not None:
+        return len(tensor.shape)
+    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if producer is not None and producer.op in ("Conv", "ConvTranspose"):
+        weight = producer.inputs[1]
+        if weight.shape is not None:
+            return len(weight.shape)
+    return None
 
 
 def _expose_layernorm_stats(graph: gs.Graph) -> int:
