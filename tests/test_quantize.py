@@ -19,7 +19,7 @@ import onnxopt.passes.quantize
 from onnxopt.check import LOSSY_BUDGET, compare_outputs
 from onnxopt.errors import UsageError
 from onnxopt.graph import to_graph
-from onnxopt.passes.quantize import calibrate, gptq, numerics, qdq
+from onnxopt.passes.quantize import calibrate, fallback, gptq, numerics, qdq
 from onnxopt.passes.quantize.speed import runtime_ops
 from onnxopt.pipeline import PassContext, Pipeline
 
@@ -712,3 +712,32 @@ def test_huge_range_masks_never_enter_a_calibrated_range():
     scales = [initializer(result.model, n.input[1]) for n in result.model.graph.node
               if n.op_type == "QuantizeLinear"]  # fmt: skip
     assert scales and max(float(s) for s in scales) < 1.0
+
+
+def test_lazy_ranking_finds_the_sensitive_nodes_with_few_measurements():
+    """fallback's best-first ranking: noise adds up over a set, so splitting the noisiest
+    set finds the most sensitive node in ~2 log2(n) measurements, and the full order
+    (all n ranked) costs at most 2n - 2 and equals the order of single measurements."""
+    rng = np.random.default_rng(0)
+    units = [f"conv{i}" for i in range(64)]
+    noise = dict(zip(units, rng.uniform(1e-5, 1e-4, 64)))
+    noise["conv17"], noise["conv40"] = 3e-2, 1e-2  # two layers carry the error
+    calls = []
+
+    def measure(group: frozenset[str]) -> float:
+        calls.append(group)
+        return -10 * np.log10(sum(noise[u] for u in group))
+
+    ranking = fallback.Ranking(units, measure)
+    assert ranking.top(1) == ["conv17"]
+    assert len(calls) <= 2 * 6 + 1
+    assert ranking.top(2) == ["conv17", "conv40"]
+    assert ranking.alone["conv17"] < ranking.alone["conv40"]
+    assert len(calls) <= 2 * 2 * 6
+    everything = ranking.top(64)
+    assert everything == sorted(units, key=lambda u: -noise[u])
+    assert len(calls) <= 2 * 64 - 2
+    assert sorted(ranking.alone) == sorted(units)
+    noise["only"] = 1e-3
+    single = fallback.Ranking(["only"], measure)
+    assert single.top(3) == ["only"] and np.isfinite(single.alone["only"])

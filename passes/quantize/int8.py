@@ -93,6 +93,7 @@ class Calibration:
         self.hessians: dict[str, gptq.Hessian] = {}
         self.runs = 0
         self._rounded: dict[tuple[str, bytes, int], np.ndarray] = {}
+        self._ranges: dict[str, tuple[float, float]] = {}
 
     def prepare(self, placement: qdq.Plan) -> None:
         """One streaming pass: statistics of the plan's tensors and the core nodes' H."""
@@ -116,12 +117,12 @@ class Calibration:
             self.stats.update(calibrate.collect(self.ctx, self.graph, missing))
             self.runs += 1
         opts = self.options
-        return {
-            name: calibrate.choose_range(
-                self.stats[name], opts.method, opts.activations, opts.percentile
-            )
-            for name in names
-        }
+        for name in names:  # fallback and speed rebuild often: each range is chosen once
+            if name not in self._ranges:
+                self._ranges[name] = calibrate.choose_range(
+                    self.stats[name], opts.method, opts.activations, opts.percentile
+                )
+        return {name: self._ranges[name] for name in names}
 
     def extents(self) -> dict[str, tuple[float, float]]:
         """Observed ``(min, max)`` of every tensor measured so far."""
