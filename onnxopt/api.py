@@ -13,11 +13,12 @@ import onnx
 from onnxopt.check import LOSSY_BUDGET, Budget
 from onnxopt.data import input_specs, prepare_samples
 from onnxopt.errors import UsageError
-from onnxopt.model import LoadedModel, inline_stored, load_model, save_model
+from onnxopt.model import LoadedModel, load_model, save_model
 from onnxopt.pipeline import PassManager, Pipeline, RunOutcome, load_pipeline_file
 from onnxopt.progress import Progress
 from onnxopt.report import build_report
 from onnxopt.store import spill_threshold
+from onnxopt.stored import inline_stored
 
 
 @dataclass

@@ -417,13 +417,9 @@ class StructuralReport:
 def structural_checks(model: onnx.ModelProto) -> tuple[StructuralReport, onnx.ModelProto | None]:
     """onnx full checker + strict shape inference. Returns the report and the inferred
     model (None when inference failed)."""
-    from onnxopt.model import (
-        EXTERNAL_DATA_THRESHOLD,
-        densify_sparse_initializers,
-        has_stored,
-        materialized,
-        proto_nbytes,
-    )
+    from onnxopt.model import EXTERNAL_DATA_THRESHOLD, densify_sparse_initializers, materialized
+    from onnxopt.stored import has_stored
+    from onnxopt.wire import proto_nbytes
 
     report = StructuralReport()
     inferred = None

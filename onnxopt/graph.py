@@ -21,8 +21,9 @@ from onnx import numpy_helper
 from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from onnxopt.model import initializers_as_inputs, sparse_to_dense, stored_path
+from onnxopt.model import initializers_as_inputs, sparse_to_dense
 from onnxopt.store import active_store, wrap_stored
+from onnxopt.stored import stored_path
 from onnxopt.weights import WEIGHT_INPUTS as WEIGHT_INPUTS
 from onnxopt.weights import WeightRef as WeightRef
 from onnxopt.weights import eligible_weights

@@ -13,14 +13,10 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnxopt import graph as graph_utils
 from onnxopt.data import input_specs
 from onnxopt.html import format_bytes
-from onnxopt.model import (
-    compressed_size,
-    external_file,
-    load_model,
-    proto_nbytes,
-    read_external_array,
-)
+from onnxopt.model import load_model
 from onnxopt.store import spill_threshold
+from onnxopt.stored import external_file, read_external_array
+from onnxopt.wire import compressed_size, proto_nbytes
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:

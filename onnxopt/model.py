@@ -8,6 +8,10 @@
 - ``save_model`` writes atomically (temporary name in the destination folder, then
   ``os.replace``), never over the model it was loaded from, and switches to external
   data automatically when the protobuf would pass the 2 GB limit.
+
+Beside it: ``protos.py`` (tensor sizes, field-level copies, external-data stubs),
+``stored.py`` (tensors whose bytes live in a run's weight store) and ``wire.py`` (a
+model's bytes: serialized, streamed to a file, sized, deflated).
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import hashlib
 import os
 import shutil
 import tempfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,18 +31,16 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from onnxopt.errors import ModelError, first_line
-
-PROTOBUF_LIMIT = 2**31 - 1
-# Leave headroom under the hard protobuf limit for graph structure and metadata.
-EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
-
-_SUB_BYTE_BITS = {
-    TensorProto.INT4: 4,
-    TensorProto.UINT4: 4,
-}
-for _name in ("FLOAT4E2M1", "INT2", "UINT2"):
-    if hasattr(TensorProto, _name):
-        _SUB_BYTE_BITS[getattr(TensorProto, _name)] = 4 if _name.startswith("FLOAT4") else 2
+from onnxopt.protos import (
+    EXTERNAL_DATA_THRESHOLD,
+    SUB_BYTE_BITS,
+    external_stub,
+    is_external,
+    tensor_nbytes,
+    without_initializers,
+)
+from onnxopt.stored import external_range, iter_stored_chunks, stored_folder, stored_path
+from onnxopt.wire import proto_nbytes, serialize, write_serialized
 
 
 @dataclass
@@ -74,7 +75,7 @@ def load_model(
     if isinstance(source, onnx.ModelProto):
         _check_model_header(source, "<in-memory model>")
         validate_tensors(source, "<in-memory model>")
-        if any(_is_external(t) and stored_path(t) is None for t in iter_tensors(source)):
+        if any(is_external(t) and stored_path(t) is None for t in iter_tensors(source)):
             raise ModelError(
                 "in-memory model refers to external data but has no folder to read it from; "
                 "pass the model's path instead"
@@ -95,11 +96,11 @@ def load_model(
     lazy = False
     if external:
         lazy = lazy_over is not None and (
-            sum(tensor_nbytes(t) for t in proto.graph.initializer if _is_external(t)) >= lazy_over
+            sum(tensor_nbytes(t) for t in proto.graph.initializer if is_external(t)) >= lazy_over
         )
         try:
             for tensor in _non_initializer_tensors(proto) if lazy else iter_tensors(proto):
-                if _is_external(tensor):
+                if is_external(tensor):
                     onnx.external_data_helper.load_external_data_for_tensor(
                         tensor, str(path.parent)
                     )
@@ -200,7 +201,7 @@ def _validate_tensor(tensor: TensorProto, where: str) -> None:
         )
     if any(d < 0 for d in tensor.dims):
         raise ModelError(f"{where}: tensor {name!r} has negative dims {list(tensor.dims)}")
-    if _is_external(tensor):
+    if is_external(tensor):
         return  # checked against its file by validate_external_data
     count = 1
     for dim in tensor.dims:
@@ -217,8 +218,8 @@ def _validate_tensor(tensor: TensorProto, where: str) -> None:
         return
     field_name, per_element = _TYPED_FIELDS.get(tensor.data_type, ("int32_data", 1))
     have = len(getattr(tensor, field_name))
-    if tensor.data_type in _SUB_BYTE_BITS:  # packed several values per int32
-        per_element, count = 1, (count * _SUB_BYTE_BITS[tensor.data_type] + 7) // 8
+    if tensor.data_type in SUB_BYTE_BITS:  # packed several values per int32
+        per_element, count = 1, (count * SUB_BYTE_BITS[tensor.data_type] + 7) // 8
         have = min(have * 4, count)
     if have != count * per_element:
         raise ModelError(
@@ -258,32 +259,12 @@ def _validate_sparse(sparse: onnx.SparseTensorProto, where: str) -> None:
         raise ModelError(f"{where}: sparse tensor {name!r} has indices outside dims {dims}")
 
 
-def _is_external(tensor: TensorProto) -> bool:
-    return tensor.data_location == TensorProto.EXTERNAL
-
-
-def tensor_nbytes(tensor: TensorProto) -> int:
-    """Bytes the tensor's declared dims and dtype need in raw (external) form."""
-    count = 1
-    for dim in tensor.dims:
-        count *= max(int(dim), 0)
-    if tensor.data_type in _SUB_BYTE_BITS:
-        return (count * _SUB_BYTE_BITS[tensor.data_type] + 7) // 8
-    if tensor.data_type == TensorProto.STRING:
-        return 0  # variable length: cannot be checked from dims
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except Exception:
-        return 0
-    return count * itemsize
-
-
 def validate_external_data(model: onnx.ModelProto, base_dir: Path, where: str) -> list[Path]:
     """Refuse unsafe or inconsistent external data; return the files it refers to."""
     base = base_dir.resolve()
     files: dict[Path, int] = {}
     for tensor in iter_tensors(model):
-        if not _is_external(tensor):
+        if not is_external(tensor):
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
@@ -425,12 +406,12 @@ def _remove_orphaned_temp_folders(folder: Path) -> None:
     process is gone; folders of live processes (concurrent saves) are left alone."""
     for entry in folder.glob(f"{TEMP_PREFIX}*"):
         pid = entry.name[len(TEMP_PREFIX) :].split("-", 1)[0]
-        if not entry.is_dir() or not pid.isdigit() or _process_alive(int(pid)):
+        if not entry.is_dir() or not pid.isdigit() or process_alive(int(pid)):
             continue
         shutil.rmtree(entry, ignore_errors=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -441,16 +422,6 @@ def _process_alive(pid: int) -> bool:
 
 
 EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the .onnx file
-
-
-def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` without its main-graph initializers, built field by field so
-    the weights are never copied (``CopyFrom`` would copy them all). Only fields that
-    are set are copied: proto2 serializes a field set to its default."""
-    light = onnx.ModelProto()
-    _copy_fields(model, light, lambda number: number != GRAPH_FIELD)
-    _copy_fields(model.graph, light.graph, lambda number: number != INITIALIZER_FIELD)
-    return light
 
 
 def initializers_as_inputs(model: onnx.ModelProto, pick) -> tuple[onnx.ModelProto, list, set]:
@@ -471,27 +442,6 @@ def initializers_as_inputs(model: onnx.ModelProto, pick) -> tuple[onnx.ModelProt
         if t.name not in declared
     )
     return view, moved, moved_names - declared
-
-
-GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number  # 7
-INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number  # 5
-RAW_DATA_FIELD = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number  # 9
-
-
-def _copy_fields(source, target, keep) -> None:
-    """Copy the set fields of ``source`` whose number ``keep`` accepts into ``target``."""
-    for descriptor, value in source.ListFields():
-        if not keep(descriptor.number):
-            continue
-        if descriptor.is_repeated:
-            getattr(target, descriptor.name).extend(value)
-        elif descriptor.type == descriptor.TYPE_MESSAGE:
-            getattr(target, descriptor.name).CopyFrom(value)
-        else:
-            try:
-                setattr(target, descriptor.name, value)
-            except UnicodeDecodeError:  # proto2 text that is not UTF-8 comes back as bytes
-                setattr(target, descriptor.name, value.decode("utf-8", errors="replace"))
 
 
 def write_external(model: onnx.ModelProto, path: Path) -> str:
@@ -531,292 +481,13 @@ def write_external(model: onnx.ModelProto, path: Path) -> str:
             padding = b"\0" * (-length % 4096)  # page-aligned offsets (mmap-friendly)
             data.write(padding)
             digest.update(padding)
-            locations.append(_external_stub(graph.initializer.add(), tensor, "", offset, length))
+            locations.append(external_stub(graph.initializer.add(), tensor, "", offset, length))
     data_name = f"{path.name}.{digest.hexdigest()[:12]}.data"
     os.replace(partial, path.with_name(data_name))
     for entry in locations:
         entry.value = data_name
     path.write_bytes(light.SerializeToString())
     return data_name
-
-
-def _external_stub(
-    stub: TensorProto, tensor: TensorProto, location: str, offset: int, length: int
-) -> onnx.StringStringEntryProto:
-    """Fill ``stub`` as ``tensor`` stored at ``location[offset:offset+length]``; return
-    its ``location`` entry (the caller may rename the file afterwards)."""
-    _copy_header(stub, tensor)
-    stub.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", offset), ("length", length)):
-        entry = stub.external_data.add()
-        entry.key, entry.value = key, str(value)
-    return stub.external_data[0]
-
-
-# ---------------------------------------------------------------------------- stored weights
-#
-# A large model's weights live in data files of a run-scoped folder (onnxopt.store)
-# instead of in memory: its initializers are standard external-data stubs whose
-# ``location`` is a file name that is unique in the process and registered here with
-# its folder. Everything that reads tensor bytes (sessions, saving, sizes, graph
-# import) resolves stubs through this registry.
-
-_STORED_FILES: dict[str, Path] = {}  # data file name -> folder holding it
-
-
-def register_stored_file(name: str, folder: Path) -> None:
-    _STORED_FILES[name] = folder
-
-
-def forget_stored_file(name: str) -> None:
-    _STORED_FILES.pop(name, None)
-
-
-def stored_path(tensor: TensorProto) -> Path | None:
-    """The data file of a stored tensor's stub, or None for any other tensor."""
-    if tensor.data_location != TensorProto.EXTERNAL:
-        return None
-    for entry in tensor.external_data:
-        if entry.key == "location":
-            folder = _STORED_FILES.get(entry.value)
-            return folder / entry.value if folder is not None else None
-    return None
-
-
-def external_range(tensor: TensorProto) -> tuple[int, int]:
-    """(offset, length) of an external tensor; length defaults to the dims' size."""
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    offset = int(info.get("offset") or 0)
-    length = int(info["length"]) if info.get("length") else tensor_nbytes(tensor)
-    return offset, length
-
-
-def iter_stored_chunks(tensor: TensorProto) -> Iterator[bytes]:
-    path = stored_path(tensor)
-    if path is None:
-        raise ValueError(f"tensor {tensor.name!r} is not a stored tensor")
-    yield from iter_file_range(path, *external_range(tensor), what=f"tensor {tensor.name!r}")
-
-
-def iter_file_range(
-    path: Path, offset: int, length: int, *, what: str, chunk: int = 1 << 24
-) -> Iterator[bytes]:
-    """``length`` bytes of ``path`` from ``offset``, in blocks of at most ``chunk``."""
-    with open(path, "rb") as file:
-        file.seek(offset)
-        while length > 0:
-            block = file.read(min(chunk, length))
-            if not block:
-                raise ModelError(f"data of {what} is truncated ({path})")
-            length -= len(block)
-            yield block
-
-
-def read_stored_array(tensor: TensorProto) -> np.ndarray:
-    """A stored tensor's values as a new, writable array (one copy, straight from disk)."""
-    path = stored_path(tensor)
-    if path is None:
-        raise ValueError(f"tensor {tensor.name!r} is not a stored tensor")
-    return read_external_array(tensor, path)
-
-
-def read_external_array(tensor: TensorProto, path: Path) -> np.ndarray:
-    """The values of an external-data tensor whose data file is ``path`` (already
-    validated: ``validate_external_data``), read in one copy."""
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    dims = tuple(int(d) for d in tensor.dims)
-    offset, length = external_range(tensor)
-    if dtype.kind in "biuf" and tensor.data_type not in _SUB_BYTE_BITS:
-        with open(path, "rb") as file:
-            file.seek(offset)
-            array = np.fromfile(file, dtype=dtype, count=length // dtype.itemsize)
-        return array.reshape(dims)
-    full = TensorProto()  # packed sub-byte and ml_dtypes types: onnx decodes them
-    _copy_header(full, tensor)
-    full.raw_data = b"".join(iter_file_range(path, offset, length, what=f"tensor {tensor.name!r}"))
-    return np.array(numpy_helper.to_array(full))
-
-
-def external_file(tensor: TensorProto, base_dir: Path) -> Path:
-    """The data file of an external tensor of a model loaded from ``base_dir``."""
-    location = next(e.value for e in tensor.external_data if e.key == "location")
-    return base_dir / location
-
-
-def _copy_header(target: TensorProto, tensor: TensorProto) -> None:
-    """Name, type, dims and doc string, setting only the fields ``tensor`` has (proto2
-    serializes a field that was set, even to its default)."""
-    target.name, target.data_type = tensor.name, tensor.data_type
-    target.dims.extend(tensor.dims)
-    if tensor.HasField("doc_string"):
-        target.doc_string = tensor.doc_string
-
-
-def _inlined(tensor: TensorProto) -> TensorProto:
-    full = TensorProto()
-    _copy_header(full, tensor)
-    full.raw_data = b"".join(iter_stored_chunks(tensor))
-    return full
-
-
-def stored_nbytes(model: onnx.ModelProto) -> int:
-    """Bytes of the model's stored (on-disk) initializers."""
-    return sum(tensor_nbytes(t) for t in model.graph.initializer if stored_path(t) is not None)
-
-
-def has_stored(model: onnx.ModelProto) -> bool:
-    return any(stored_path(t) is not None for t in model.graph.initializer)
-
-
-def stored_folder(model: onnx.ModelProto) -> Path | None:
-    """The one folder the model's stored tensors live in (None if it has none)."""
-    folders = {p.parent for t in model.graph.initializer if (p := stored_path(t)) is not None}
-    if len(folders) > 1:
-        raise ValueError(f"model's stored weights span several folders: {sorted(folders)}")
-    return folders.pop() if folders else None
-
-
-def inline_stored(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` itself if it has no stored tensors, else a copy with their bytes read
-    back into ``raw_data`` (an ordinary in-memory model)."""
-    if not has_stored(model):
-        return model
-    full = without_initializers(model)
-    for tensor in model.graph.initializer:
-        full.graph.initializer.append(_inlined(tensor) if stored_path(tensor) else tensor)
-    return full
-
-
-def _field_len(payload: int) -> int:
-    """Serialized size of a length-delimited field (tag, length, payload)."""
-    return len(_length_prefix(1, payload)) + payload
-
-
-def _stored_model_nbytes(model: onnx.ModelProto) -> int:
-    """Exact size the model would serialize to with its stored tensors inlined."""
-    graph_size = model.graph.ByteSize()
-    full_graph = graph_size
-    for tensor in model.graph.initializer:
-        if stored_path(tensor) is None:
-            continue
-        bare = TensorProto()
-        _copy_header(bare, tensor)
-        inlined = bare.ByteSize() + _field_len(external_range(tensor)[1])
-        full_graph += _field_len(inlined) - _field_len(tensor.ByteSize())
-    return model.ByteSize() - _field_len(graph_size) + _field_len(full_graph)
-
-
-def write_serialized(model: onnx.ModelProto, path: Path) -> None:
-    """Write ``serialize(model)`` to ``path``; a model with stored tensors is streamed
-    (the weights are never all in memory: a single-file save of a disk-backed run's
-    result would otherwise hold them twice, as a proto and as its bytes).
-
-    Protobuf writes known fields in field-number order, so the message is assembled
-    from serialized pieces around the initializers (``tests/test_store.py`` checks
-    the bytes against ``serialize``).
-    """
-    if not has_stored(model):
-        path.write_bytes(serialize(model))
-        return
-    if proto_nbytes(model) > PROTOBUF_LIMIT:
-        raise ModelError("model is too large to serialize in one file; save it with external data")
-    graph = model.graph
-    entries: list[tuple[bytes, TensorProto | None, bytes]] = []
-    for tensor in graph.initializer:
-        if stored_path(tensor) is None:
-            body = tensor.SerializeToString()
-            entries.append((_length_prefix(INITIALIZER_FIELD, len(body)) + body, None, b""))
-            continue
-        length = external_range(tensor)[1]
-        head = _only_fields(tensor, lambda number: number in (1, 2, 8))  # dims, type, name
-        tail = _only_fields(tensor, lambda number: number == 12)  # doc_string
-        body_length = len(head) + _field_len(length) + len(tail)
-        prefix = _length_prefix(INITIALIZER_FIELD, body_length) + head
-        entries.append((prefix + _length_prefix(RAW_DATA_FIELD, length), tensor, tail))
-    graph_head = _only_fields(graph, lambda number: number < INITIALIZER_FIELD)
-    graph_tail = _only_fields(graph, lambda number: number > INITIALIZER_FIELD)
-    graph_length = len(graph_head) + len(graph_tail)
-    for prefix, tensor, tail in entries:
-        graph_length += len(prefix) + len(tail)
-        if tensor is not None:
-            graph_length += external_range(tensor)[1]
-    with open(path, "wb") as out:
-        out.write(_only_fields(model, lambda number: number < GRAPH_FIELD))
-        out.write(_length_prefix(GRAPH_FIELD, graph_length))
-        out.write(graph_head)
-        for prefix, tensor, tail in entries:
-            out.write(prefix)
-            if tensor is not None:
-                for block in iter_stored_chunks(tensor):
-                    out.write(block)
-            out.write(tail)
-        out.write(graph_tail)
-        out.write(_only_fields(model, lambda number: number > GRAPH_FIELD))
-
-
-def _only_fields(message, keep) -> bytes:
-    """``message`` serialized with only the set fields whose number ``keep`` accepts."""
-    part = type(message)()
-    _copy_fields(message, part, keep)
-    return part.SerializeToString()
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _length_prefix(number: int, length: int) -> bytes:
-    """Tag and length of a length-delimited field (field numbers below 16)."""
-    return bytes([number << 3 | 2]) + _varint(length)
-
-
-def serialize(model: onnx.ModelProto) -> bytes:
-    model = inline_stored(model)
-    try:
-        return model.SerializeToString()
-    except ValueError as exc:  # protobuf refuses messages over 2 GB
-        raise ModelError(
-            f"model is too large to serialize in one file ({first_line(exc)}); "
-            "save it with external data"
-        ) from exc
-
-
-EXACT_SIZE_LIMIT = 256 * 2**20
-
-
-def proto_nbytes(model: onnx.ModelProto) -> int:
-    """Size of the model's protobuf.
-
-    Exact below ~256 MB of tensor data. Above, protobuf's ``ByteSize`` serializes the
-    whole message (a transient copy of the model), so the size is the tensors' bytes
-    from their dims plus the exact size of everything else.
-    """
-    if has_stored(model):
-        return _stored_model_nbytes(model)
-    tensor_bytes = sum(tensor_nbytes(t) for t in model.graph.initializer)
-    if tensor_bytes <= EXACT_SIZE_LIMIT:
-        try:
-            return model.ByteSize()
-        except Exception:
-            pass
-    rest = sum(n.ByteSize() for n in model.graph.node)
-    return tensor_bytes + rest + 64 * len(model.graph.initializer)
-
-
-def compressed_size(model: onnx.ModelProto, level: int = 6) -> int:
-    """Deflate-compressed size of the serialized model (what zeros and codebooks shrink)."""
-    compressor = zlib.compressobj(level)
-    data = serialize(model)
-    total = 0
-    view = memoryview(data)
-    for start in range(0, len(data), 1 << 24):
-        total += len(compressor.compress(view[start : start + (1 << 24)]))
-    return total + len(compressor.flush())
 
 
 @contextlib.contextmanager

@@ -15,13 +15,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxopt.model import (
-    densify_sparse_initializers,
-    initializers_as_inputs,
-    materialized,
-    stored_nbytes,
-    tensor_nbytes,
-)
+from onnxopt.model import densify_sparse_initializers, initializers_as_inputs, materialized
+from onnxopt.protos import tensor_nbytes
+from onnxopt.stored import stored_nbytes
 
 Feed = Mapping[str, np.ndarray]
 

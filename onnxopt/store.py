@@ -5,7 +5,7 @@ A run over a large model (``PassManager`` spills when the model's tensors pass
 its weights in the data files of a :class:`WeightStore`, a temporary folder owned by
 the run. Models are then *light* protos: every large main-graph initializer is a
 standard external-data stub whose ``location`` names a store file
-(``onnxopt.model.stored_path`` resolves it). What that buys, measured in
+(``onnxopt.stored.stored_path`` resolves it). What that buys, measured in
 docs/large-models.md:
 
 - the accepted model, the original and the templates the passes see cost a few KB;
@@ -45,10 +45,9 @@ from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt.errors import ModelError, UsageError, first_line
-from onnxopt.model import (
-    EXTERNAL_MIN_BYTES,
-    _external_stub,
-    _process_alive,
+from onnxopt.model import EXTERNAL_MIN_BYTES, process_alive
+from onnxopt.protos import external_stub, tensor_nbytes, without_initializers
+from onnxopt.stored import (
     external_file,
     external_range,
     forget_stored_file,
@@ -57,8 +56,6 @@ from onnxopt.model import (
     read_stored_array,
     register_stored_file,
     stored_path,
-    tensor_nbytes,
-    without_initializers,
 )
 
 # 32 MiB: below that, in-memory runs are as fast; above it, every step's session
@@ -186,7 +183,7 @@ class WeightStore:
         for chunk in chunks:
             data.write(chunk)
             length += len(chunk)
-        _external_stub(graph.initializer.add(), tensor, name, offset, length)
+        external_stub(graph.initializer.add(), tensor, name, offset, length)
 
     def spill_graph(self, graph: gs.Graph, min_bytes: int = EXTERNAL_MIN_BYTES) -> int:
         """Write the graph's in-memory constants of ``min_bytes`` or more to a new store
@@ -204,14 +201,14 @@ class WeightStore:
                     source = tensor._values.tensor
                     data.write(source.raw_data)
                     source.name = tensor.name  # as graphsurgeon's export would name it
-                    _external_stub(stub, source, name, offset, len(source.raw_data))
+                    external_stub(stub, source, name, offset, len(source.raw_data))
                 else:
                     values = np.ascontiguousarray(tensor.values)
                     data.write(values.reshape(-1).view(np.uint8))
                     header = TensorProto()
                     header.name, header.data_type = tensor.name, dtype_to_onnx(tensor.dtype)
                     header.dims.extend(int(d) for d in values.shape)
-                    _external_stub(stub, header, name, offset, values.nbytes)
+                    external_stub(stub, header, name, offset, values.nbytes)
                     del values
                 tensor._values = StoredValues(stub)
         return len(spilled)
@@ -305,5 +302,5 @@ def remove_orphaned_stores(where: Path) -> None:
     """Store folders of processes that are gone (killed runs)."""
     for entry in where.glob(f"{FOLDER_PREFIX}*"):
         pid = entry.name[len(FOLDER_PREFIX) :].split("-", 1)[0]
-        if entry.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+        if entry.is_dir() and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)

@@ -17,10 +17,11 @@ import onnxopt.passes.compact  # registers compact
 from onnxopt.check import assert_equivalent, structural_checks
 from onnxopt.errors import UsageError
 from onnxopt.graph import to_graph, to_model, weight_refs
-from onnxopt.model import compressed_size, opset_version
+from onnxopt.model import opset_version
 from onnxopt.passes.codebook.kmeans import _PrefixSums, encode, kmeans_1d, pack_uint4
 from onnxopt.pipeline import PassResult, get_pass, make_options
 from onnxopt.runtime import make_session, run_samples
+from onnxopt.wire import compressed_size
 
 TRAIN = str(MODELS / "digits_train.npz")
 SAMPLES = ("digits_mlp", "digits_cnn", "digits_transformer")

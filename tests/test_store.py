@@ -20,18 +20,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
 from onnxopt.check import structural_checks
-from onnxopt.model import (
-    has_stored,
-    inline_stored,
-    load_model,
-    proto_nbytes,
-    save_model,
-    serialize,
-    stored_path,
-    write_serialized,
-)
+from onnxopt.model import load_model, save_model
 from onnxopt.pipeline import Pass, PassResult, option, register_pass, unregister_pass
 from onnxopt.store import FOLDER_PREFIX, WeightStore, remove_orphaned_stores, spill_threshold
+from onnxopt.stored import has_stored, inline_stored, stored_path
+from onnxopt.wire import proto_nbytes, serialize, write_serialized
 
 DATA = str(MODELS / "digits_test.npz")
 sys.path.insert(0, str(ROOT / "tools"))

@@ -40,8 +40,8 @@ import onnxopt.passes.codebook  # registers share-weights
 import onnxopt.passes.compact  # registers compact
 from onnxopt.bench import measure_latency
 from onnxopt.graph import to_graph, to_model, weight_refs
-from onnxopt.model import compressed_size
 from onnxopt.runtime import make_session
+from onnxopt.wire import compressed_size
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO_MODELS = ("ppocr-cls", "ppocr-det", "ppocr-rec", "vad", "vad-if", "minilm")

@@ -159,7 +159,8 @@ def accuracy(model: onnx.ModelProto) -> float:
 
 def measure_digits(name: str, options: str | None, budget: str | None) -> dict:
     import onnxopt
-    from onnxopt.model import compressed_size, densify_sparse_initializers
+    from onnxopt.model import densify_sparse_initializers
+    from onnxopt.wire import compressed_size
 
     path = ROOT / "models" / f"{name}.onnx"
     start = time.perf_counter()

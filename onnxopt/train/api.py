@@ -35,8 +35,9 @@ import onnx
 from onnxopt import runtime
 from onnxopt.data import Feed, input_specs, load_samples
 from onnxopt.errors import DataError, ModelError, UsageError
-from onnxopt.model import LoadedModel, inline_stored, load_model, save_model
+from onnxopt.model import LoadedModel, load_model, save_model
 from onnxopt.store import in_memory
+from onnxopt.stored import inline_stored
 from onnxopt.train import client, convert, env
 
 log = logging.getLogger(__name__)
