@@ -84,7 +84,7 @@ class ModelStats:
 class StepRecord:
     index: int
     step: str
-    status: str  # accepted | no-op | rolled back | failed
+    status: str  # accepted | no-op | rolled back | skipped (a prerequisite failed)
     lossless: bool
     budget: str
     seconds: float = 0.0
@@ -98,6 +98,8 @@ class StepRecord:
     vs_original_deployed: dict[str, OutputMetrics] = field(default_factory=dict)
     result: PassResult | None = None
     iterations: int = 1
+    required_by: str = ""  # a prerequisite step: the step whose pass declared it
+    prerequisites: list[StepRecord] = field(default_factory=list)  # run before this step
 
 
 @dataclass
@@ -207,16 +209,26 @@ class PassManager:
             previous=reference,
             class_scores=class_score_outputs(model),
         )
+        original_stats = state.accepted_stats
         records: list[StepRecord] = []
         aborted = False
         for index, step in enumerate(self.pipeline.steps, 1):
-            record, candidate, outputs = self._run_step(index, step, state)
+            done, blocked = self._prerequisites(index, step, state, store)
+            if blocked:
+                record = StepRecord(
+                    index, str(step), "skipped", step.pass_cls.lossless,
+                    str(self.budget_for(step)), reason=blocked, before=state.accepted_stats,
+                    after=state.accepted_stats,
+                )  # fmt: skip
+            else:
+                record, candidate, outputs = self._run_step(index, step, state)
+            record.prerequisites = done
             records.append(record)
             log.info("step %d %s: %s %s", index, step, record.status, record.reason)
             if record.status == "accepted":
                 state.accepted, state.previous = candidate, outputs
                 state.accepted_stats = record.after
-            elif record.status == "rolled back" and self.on_fail == "abort":
+            elif record.status != "no-op" and self.on_fail == "abort":
                 aborted = True
                 break
             if store is not None:  # data files of rolled-back or superseded candidates
@@ -225,7 +237,7 @@ class PassManager:
             model=state.accepted,
             steps=records,
             baseline_failures=state.tolerated,
-            original=records[0].before if records else state.accepted_stats,
+            original=original_stats,
             final=state.accepted_stats,
             pipeline=str(self.pipeline),
             data_source=data_source,
@@ -238,6 +250,26 @@ class PassManager:
                 f"step {failed.index} {failed.step} failed: {failed.reason}", outcome=outcome
             )
         return outcome
+
+    def _prerequisites(self, index: int, step: Step, state, store) -> tuple[list, str]:
+        """Run what ``step``'s pass requires of the accepted model (``Pass.requires``)
+        first, as a checked step of its own; ``(its records, why the step cannot run
+        or "")``. An accepted prerequisite becomes the accepted model."""
+        need = step.pass_cls(step.options).requires(state.accepted)
+        if need is None:
+            return [], ""
+        (provider,) = Pipeline.parse(need.step).steps
+        record, candidate, outputs = self._run_step(index, provider, state)
+        record.required_by = str(step)
+        log.info("step %d %s: %s %s", index, record.step, record.status, record.reason)
+        if record.status == "accepted":
+            state.accepted, state.previous = candidate, outputs
+            state.accepted_stats = record.after
+        elif store is not None:
+            store.collect([state.original, state.accepted])
+        if record.status in ("accepted", "no-op") or need.optional:
+            return [record], ""
+        return [record], f"{need.reason}: {provider} was {record.status} ({record.reason})"
 
     def _check_reference(self, reference: list[dict]) -> None:
         """Refuse a reference that cannot tell a good step from a bad one (see

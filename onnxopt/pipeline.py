@@ -5,7 +5,8 @@ pass or a caller writes ``from onnxopt.pipeline import Pass, PassContext, ...``:
 
 - ``options.py``: ``option()``, ``make_options`` / ``coerce`` (text or TOML values to a
   pass's typed ``Options``), ``format_value`` (and back);
-- ``registry.py``: the ``Pass`` base class, ``register_pass``, ``registry``, ``get_pass``;
+- ``registry.py``: the ``Pass`` base class (``requires``: declared prerequisites),
+  ``register_pass``, ``registry``, ``get_pass``;
 - ``results.py``: ``PassResult``, ``Skipped`` (what a pass returns);
 - ``pipeline_text.py``: ``Pipeline`` / ``Step`` (pipeline text, printed back
   canonically) and ``load_pipeline_file`` (the TOML form);
@@ -28,7 +29,15 @@ from onnxopt.manager import (
 )
 from onnxopt.options import NoOptions, coerce, format_value, make_options, option, option_fields
 from onnxopt.pipeline_text import Pipeline, Step, load_pipeline_file
-from onnxopt.registry import Pass, get_pass, register_pass, registry, unregister_pass
+from onnxopt.registry import (
+    Pass,
+    Requirement,
+    default_opset,
+    get_pass,
+    register_pass,
+    registry,
+    unregister_pass,
+)
 from onnxopt.results import PassResult, Skipped
 
 __all__ = [
@@ -40,11 +49,13 @@ __all__ = [
     "PassManager",
     "PassResult",
     "Pipeline",
+    "Requirement",
     "RunOutcome",
     "Skipped",
     "Step",
     "StepRecord",
     "coerce",
+    "default_opset",
     "format_value",
     "get_pass",
     "has_quantized_ops",

@@ -3,27 +3,48 @@
 ``@register_pass`` adds a pass class (kebab-case name, dataclass ``Options``) and
 rejects a duplicate name; ``registry()`` imports ``onnxopt.passes`` (whose module
 list registers the built-ins) and returns every pass; ``get_pass`` names the valid
-passes when a name is unknown."""
+passes when a name is unknown.
+
+**Prerequisites are declared.** A pass that needs something of the model before it
+can run (an opset) says so: ``requires_opset = 13``, or a ``requires(model)`` hook
+returning a :class:`Requirement` — the pipeline step that provides it and why. The
+PassManager runs that step first, as a checked step of its own recorded in the report
+(``required_by``); when it fails, the pass's step is skipped with the reason (a pass
+whose requirement is ``optional`` runs anyway and copes). ``run`` may assume the
+requirement holds; called directly, it checks and raises ``PassCannotRun``."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.check import (
-    LOSSLESS_BUDGET,
-    LOSSY_BUDGET,
-    Budget,
-)
+from onnxopt.check import LOSSLESS_BUDGET, LOSSY_BUDGET, Budget
 from onnxopt.errors import UsageError
 from onnxopt.options import NoOptions
 from onnxopt.results import PassResult
 
 if TYPE_CHECKING:
     from onnxopt.context import PassContext
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """What a pass needs before it runs: ``step`` (pipeline text) provides it."""
+
+    step: str  # e.g. "upgrade-opset(target=13)"
+    reason: str  # what the pass needs it for, for the report
+    optional: bool = False  # the pass copes without it: runs even when the step fails
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain (``ai.onnx``) opset; 1 when it imports none."""
+    versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    return int(versions[0]) if versions else 1
 
 
 class Pass:
@@ -35,6 +56,7 @@ class Pass:
     summary: ClassVar[str] = ""
     lossless: ClassVar[bool] = False
     fixed_point: ClassVar[bool] = False  # rerun until it reports no change
+    requires_opset: ClassVar[int | None] = None  # default-domain opset run() needs
     default_budget: ClassVar[Budget | None] = None
     Options: ClassVar[type] = NoOptions
 
@@ -43,6 +65,14 @@ class Pass:
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
+
+    def requires(self, model: onnx.ModelProto) -> Requirement | None:
+        """What ``model`` lacks for ``run`` (None: nothing). By default: an opset below
+        ``requires_opset``, provided by ``upgrade-opset``."""
+        need = self.requires_opset
+        if need is None or default_opset(model) >= need:
+            return None
+        return Requirement(f"upgrade-opset(target={need})", f"{self.name} needs opset {need}")
 
     @classmethod
     def budget(cls) -> Budget:

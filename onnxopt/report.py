@@ -43,6 +43,7 @@ def _step(record: StepRecord) -> dict[str, Any]:
     return {
         "index": record.index,
         "step": record.step,
+        "required_by": record.required_by,
         "status": record.status,
         "reason": record.reason,
         "lossless": record.lossless,
@@ -65,6 +66,7 @@ def _step(record: StepRecord) -> dict[str, Any]:
         "details": _clean(result.details) if result else {},
         "notes": result.notes if result else [],
         "skipped": [s.as_dict() for s in result.skipped] if result else [],
+        "prerequisites": [_step(p) for p in record.prerequisites],
     }
 
 
@@ -136,14 +138,16 @@ def format_table(report: dict[str, Any], width: int | None = None, wide: bool = 
     """The terminal summary: a header line (data, inputs, budget), one row per step with
     the reason of every step that was not accepted under it, and the totals. It fits
     ``width`` columns by dropping columns in ``DROP_ORDER``; ``wide`` keeps all."""
-    rows = [_step_cells(s) for s in report["steps"]]
+    # a step's prerequisites (an upgrade-opset its pass declared) get rows above it
+    steps = [p for s in report["steps"] for p in (*s.get("prerequisites", ()), s)]
+    rows = [_step_cells(s) for s in steps]
     rows.append(_total_cells(report))
     columns = list(COLUMNS)
     metrics = list(METRIC_ORDER)
     step_width = 44
 
     def render() -> list[str]:
-        return _render(columns, rows, report["steps"], metrics, step_width, width, wide)
+        return _render(columns, rows, steps, metrics, step_width, width, wide)
 
     lines = render()
     if not wide and width:
@@ -165,8 +169,9 @@ def format_table(report: dict[str, Any], width: int | None = None, wide: bool = 
 def _step_cells(s: dict[str, Any]) -> dict[str, Any]:
     after = s["after"] or s["before"] or {}
     return {
-        "#": str(s["index"]),
-        "step": s["step"],
+        "#": "" if s.get("required_by") else str(s["index"]),
+        "step": s["step"]
+        + (f" (for {s['required_by'].split('(')[0]})" if s.get("required_by") else ""),
         "status": s["status"],
         "time": f"{s['seconds']:.2f}s",
         "nodes": str(after.get("nodes", "")),

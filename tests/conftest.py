@@ -53,10 +53,24 @@ def cnn_path() -> Path:
 
 
 def apply_pass(name: str, model: onnx.ModelProto, **options):
-    """Run one pass directly on ``model``, as the PassManager would, minus the checks.
-    Returns ``(model, PassResult)``."""
+    """Run one pass directly on ``model``, as the PassManager would, minus the checks:
+    what the pass ``requires`` (an opset) is applied first. Returns ``(model,
+    PassResult)``."""
+    from onnxopt.errors import PassCannotRun
     from onnxopt.graph import to_graph, to_model
+    from onnxopt.pipeline import Pipeline, get_pass, make_options
 
+    cls = get_pass(name)
+    need = cls(make_options(cls, options)).requires(model)
+    if need is not None:
+        (step,) = Pipeline.parse(need.step).steps
+        graph = to_graph(model)
+        try:
+            step.pass_cls(step.options).run(graph, _context(step.pass_cls, model))
+            model = to_model(graph, model)
+        except PassCannotRun:
+            if not need.optional:
+                raise
     graph = to_graph(model)
     result = run_pass_on_graph(name, graph, model, **options)
     return to_model(graph, model), result
@@ -65,10 +79,16 @@ def apply_pass(name: str, model: onnx.ModelProto, **options):
 def run_pass_on_graph(name: str, graph, model: onnx.ModelProto, **options):
     """Run one pass on an imported ``graph`` of ``model`` (no calibration data);
     returns its PassResult."""
-    from onnxopt.pipeline import PassContext, get_pass, make_options
+    from onnxopt.pipeline import get_pass, make_options
 
     cls = get_pass(name)
-    ctx = PassContext(
+    return cls(make_options(cls, options)).run(graph, _context(cls, model))
+
+
+def _context(cls, model: onnx.ModelProto):
+    from onnxopt.pipeline import PassContext
+
+    return PassContext(
         calibration=[],
         rng=np.random.default_rng(0),
         seed=0,
@@ -76,4 +96,3 @@ def run_pass_on_graph(name: str, graph, model: onnx.ModelProto, **options):
         original=model,
         budget=cls.budget(),
     )
-    return cls(make_options(cls, options)).run(graph, ctx)

@@ -15,7 +15,7 @@ import onnxopt
 import onnxopt.passes.codebook
 import onnxopt.passes.compact  # registers compact
 from onnxopt.check import assert_equivalent, structural_checks
-from onnxopt.errors import UsageError
+from onnxopt.errors import PassCannotRun, UsageError
 from onnxopt.graph import to_graph, to_model, weight_refs
 from onnxopt.model import opset_version
 from onnxopt.passes.codebook.kmeans import _PrefixSums, encode, kmeans_1d, pack_uint4
@@ -312,9 +312,7 @@ def test_generated_names_are_short():
 def test_default_upgrades_to_opset21_for_uint4():
     model = load("digits_mlp")
     out, result = apply(model)
-    assert opset_version(out) == 21 and out.ir_version >= 10
-    assert result.counts["opset_upgraded"] == 1
-    assert any("converted the model from opset 17 to 21" in n for n in result.notes)
+    assert opset_version(out) == 21 and out.ir_version >= 10  # upgrade-opset ran first
     record = records(result)["fc1.weight"]
     indices = initializers(out)[record["indices"]]
     assert indices.data_type == onnx.TensorProto.UINT4
@@ -606,13 +604,23 @@ def test_failed_opset_upgrade_falls_back_to_uint8_or_raises():
     model = with_initializers(FUNCTION_TEXT, w=random_weights((64, 48), 9))
     out, result = apply(model)  # upgrade_opset=auto
     assert result.changed and result.details["index_bits"] == 8
-    assert opset_version(out) == 17 and result.counts["opset_upgraded"] == 0
-    assert any("local functions" in note and "uint8" in note for note in result.notes)
+    assert opset_version(out) == 17
+    assert any("opset 17 < 21" in note and "uint8" in note for note in result.notes)
     feeds = seeded_feeds(model, 4)
     assert_equivalent(run(model, feeds), run(out, feeds), "cosine>=0.99")
     for options in ({"upgrade_opset": True}, {"index_dtype": "uint4"}):
-        with pytest.raises(UsageError, match=r"local functions.*upgrade_opset=auto"):
+        with pytest.raises(PassCannotRun, match=r"local functions"):
             apply(model, **options)
+    # through the manager: the upgrade is a step of its own, rolled back with the reason;
+    # an optional requirement lets share-weights run (uint8), a hard one skips it
+    (step,) = onnxopt.optimize(model, "share-weights", budget="none").steps
+    (upgrade,) = step["prerequisites"]
+    assert (upgrade["step"], upgrade["status"]) == ("upgrade-opset(target=21)", "rolled back")
+    assert "local functions" in upgrade["reason"] and step["status"] == "accepted"
+    (step,) = onnxopt.optimize(model, "share-weights(upgrade_opset=true)", budget="none").steps
+    assert step["status"] == "skipped" and step["prerequisites"][0]["status"] == "rolled back"
+    assert "uint4 indices need opset 21" in step["reason"]
+    assert "local functions" in step["reason"]
 
 
 def test_two_bits_and_conv_transpose_channels():

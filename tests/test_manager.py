@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -14,6 +15,7 @@ import onnxopt
 from onnxopt.check import assert_equivalent
 from onnxopt.errors import CheckFailed
 from onnxopt.pipeline import Pass, PassResult, option, register_pass, unregister_pass
+from onnxopt.report import format_table
 
 
 def _gemm_weights(graph: gs.Graph) -> list[gs.Constant]:
@@ -110,7 +112,20 @@ class NeedsDataPass(Pass):
         raise onnxopt.UsageError("needs calibration samples; pass --data")
 
 
+class NeedsOpset13Pass(Pass):
+    name = "test-needs-opset13"
+    summary = "declares opset 13, records the opset and the RNG draw it saw"
+    lossless = True
+    requires_opset = 13
+    seen: ClassVar[list] = []
+
+    def run(self, graph, ctx):
+        self.seen.append((int(graph.opset), int(ctx.rng.integers(1 << 30))))
+        return PassResult(changed=False)
+
+
 TEST_PASSES = (
+    NeedsOpset13Pass,
     NoisePass,
     InPlaceThenRaisePass,
     InvalidGraphPass,
@@ -397,3 +412,22 @@ class MatMulDrift(Pass):
             if node.op == "MatMul" and isinstance(node.inputs[1], gs.Constant):
                 node.inputs[1].values = node.inputs[1].values * np.float32(1 + 1e-2)
         return PassResult(changed=True)
+
+
+def test_declared_opset_runs_upgrade_as_a_checked_step_of_its_own():
+    op11 = model_path("digits_mlp_op11_constants")
+    NeedsOpset13Pass.seen.clear()
+    result = onnxopt.optimize(op11, "test-needs-opset13", budget="none")
+    (step,) = result.steps  # one row per pipeline step; the upgrade is recorded in it
+    (upgrade,) = step["prerequisites"]
+    assert (upgrade["step"], upgrade["status"]) == ("upgrade-opset", "accepted")
+    assert upgrade["required_by"] == "test-needs-opset13" and upgrade["lossless"]
+    assert upgrade["metrics_vs_previous"]  # checked like any lossless step
+    assert (step["index"], step["status"], step["required_by"]) == (1, "no-op", "")
+    assert {o.domain: o.version for o in result.model.opset_import}[""] == 13
+    assert "upgrade-opset (for test-needs-opset13)" in format_table(result.report)
+    # the pass saw opset 13 and the RNG of its own step, as if nothing came before
+    again = onnxopt.optimize(result.model, "test-needs-opset13", budget="none")
+    assert again.steps[0]["prerequisites"] == []  # satisfied: nothing to run
+    first, second = NeedsOpset13Pass.seen
+    assert first == second and first[0] == 13

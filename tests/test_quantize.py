@@ -122,8 +122,10 @@ def test_transformer_matmuls_run_integer_and_attention_stays_float():
 def test_constant_node_model_at_opset_11_is_upgraded_first():
     result = quantize("digits_mlp_op11_constants")
     step = result.steps[-1]
-    assert step["status"] == "accepted" and step["counts"]["opset_upgraded"] == 1
-    assert any("opset 11 upgraded to 13" in note for note in step["notes"])
+    (upgrade,) = step["prerequisites"]  # the opset quantize-int8 declares: a checked step
+    assert upgrade["step"] == "upgrade-opset" and upgrade["status"] == "accepted"
+    assert upgrade["required_by"].startswith("quantize-int8")
+    assert step["status"] == "accepted"
     opset = {o.domain: o.version for o in result.model.opset_import}[""]
     assert opset == 13
     assert runtime_ops(result.model).get("QGemm") == 3

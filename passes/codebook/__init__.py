@@ -73,9 +73,11 @@ exactly; centroids are stored in the tensor's dtype and indices point to the nea
 by use. Nothing is random: the output is byte-identical run to run.
 
 - ``upgrade_opset=auto``: when UINT4 indices are wanted and the opset is below 21,
-  convert with ``onnx.version_converter`` if that succeeds and passes the checker,
-  otherwise store UINT8 indices with a note. ``true`` raises instead, ``false`` never
-  converts. UINT4 raises the IR version to 10.
+  the pass declares it needs opset 21 and the PassManager runs
+  ``upgrade-opset(target=21)`` before it, as a checked step of its own; when that step
+  fails, indices are stored as UINT8 with a note. ``true`` (or ``index_dtype=uint4``)
+  makes opset 21 a hard requirement: the step is skipped with the reason instead.
+  ``false`` never converts. UINT4 raises the IR version to 10.
 
 Does nothing to (reported as skipped, with the reason): non-float or
 too-small tensors, tensors with NaN/Inf, graph inputs and outputs, constants also read
@@ -101,15 +103,23 @@ import onnx
 import onnx_graphsurgeon as gs
 from threadpoolctl import threadpool_limits
 
-from onnxopt.errors import UsageError
-from onnxopt.graph import convert_opset
+from onnxopt.errors import PassCannotRun, UsageError
+from onnxopt.graph import to_graph
 from onnxopt.passes.codebook import auto, calibration, feedback
 from onnxopt.passes.codebook.constants import by_dtype, try_half, try_pool
 from onnxopt.passes.codebook.kmeans import Encoded, encode, encode_scaled
 from onnxopt.passes.codebook.measure import row_error, stats
 from onnxopt.passes.codebook.rewrite import Rewriter
 from onnxopt.passes.codebook.selection import Candidate, Selection, select
-from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
+from onnxopt.pipeline import (
+    Pass,
+    PassContext,
+    PassResult,
+    Requirement,
+    default_opset,
+    option,
+    register_pass,
+)
 from onnxopt.results import Skip
 
 log = logging.getLogger(__name__)
@@ -216,11 +226,8 @@ class ShareWeightsPass(Pass):
         chosen = select(graph, opts)
         notes: list[str] = []
         index_bits = 0
-        upgraded = False
         if (chosen.own or chosen.pooled) and not opts.materialize:
-            index_bits, upgraded, notes = self._choose_index_bits(graph, ctx.template, chosen)
-            if upgraded:  # the graph was re-imported: find the tensors again
-                chosen = select(graph, opts, chosen.floor)
+            index_bits, notes = self._choose_index_bits(graph, chosen)
         found = self._calibrate(graph, ctx, chosen.own)
         self._encodings: dict[tuple[str, int], tuple[Encoded, bool]] = {}
         widths, searched = None, None
@@ -230,7 +237,7 @@ class ShareWeightsPass(Pass):
         records = self._share_all(Rewriter(graph), chosen, widths, index_bits, found, skipped)
         if records and not opts.materialize:
             graph.toposort()  # the Gather chains were appended after their consumers
-        result = self._result(records, skipped, notes, index_bits, upgraded)
+        result = self._result(records, skipped, notes, index_bits)
         if searched is not None:
             result.details["auto"] = searched
         return result
@@ -366,39 +373,47 @@ class ShareWeightsPass(Pass):
 
     # ------------------------------------------------------------------ index type
 
-    def _choose_index_bits(
-        self, graph: gs.Graph, template: onnx.ModelProto, chosen: Selection
-    ) -> tuple[int, bool, list[str]]:
-        """``(index bits, opset upgraded?, notes)``; may convert ``graph`` to opset 21."""
+    def requires(self, model: onnx.ModelProto) -> Requirement | None:
+        """Opset 21 when uint4 indices are wanted (optional with ``upgrade_opset=auto``)."""
+        opts = self.options
+        if opts.materialize or opts.upgrade_opset is False:
+            return None
+        if default_opset(model) >= UINT4_OPSET:
+            return None
+        if not self._wants_uint4(select(to_graph(model), opts)):
+            return None
+        hard = opts.index_dtype == "uint4" or opts.upgrade_opset is True
+        reason = f"uint4 indices need opset {UINT4_OPSET} (Cast from uint4)"
+        return Requirement(f"upgrade-opset(target={UINT4_OPSET})", reason, optional=not hard)
+
+    def _wants_uint4(self, chosen: Selection) -> bool:
         opts = self.options
         low = opts.bits == "auto" or opts.bits <= 4
         small = bool(chosen.own and low) or bool(chosen.pooled and 2 <= opts.pool_bits <= 4)
-        wants_uint4 = opts.index_dtype == "uint4" or (opts.index_dtype == "auto" and small)
-        if not wants_uint4:
-            return 8, False, []
+        return opts.index_dtype == "uint4" or (opts.index_dtype == "auto" and small)
+
+    def _choose_index_bits(self, graph: gs.Graph, chosen: Selection) -> tuple[int, list[str]]:
+        """``(index bits, notes)``: uint4 where wanted and the opset (21) allows it."""
+        opts = self.options
+        if not self._wants_uint4(chosen):
+            return 8, []
         opset = int(graph.opset)
         if opset >= UINT4_OPSET:
             _raise_ir_version(graph)
-            return 4, False, []
+            return 4, []
+        message = f"opset {opset} < {UINT4_OPSET}: Cast from uint4 needs opset {UINT4_OPSET}"
         if opts.upgrade_opset is False:
-            message = (
-                f"opset {opset} < {UINT4_OPSET}: Cast from uint4 needs opset {UINT4_OPSET}, "
-                "so indices are stored as uint8 (upgrade_opset=false)"
-            )
+            message += ", so indices are stored as uint8 (upgrade_opset=false)"
             if opts.index_dtype == "uint4":
                 raise UsageError(f"share-weights: index_dtype=uint4 with {message}")
-            return 8, False, [message]
-        failure = upgrade_opset(graph, UINT4_OPSET, template)
-        if failure is None:
-            _raise_ir_version(graph)
-            return 4, True, [f"converted the model from opset {opset} to {UINT4_OPSET}"]
-        message = f"cannot convert opset {opset} to {UINT4_OPSET}: {failure}"
+            return 8, [message]
         if opts.index_dtype == "uint4" or opts.upgrade_opset is True:
-            raise UsageError(
-                f"share-weights: upgrade_opset={_text(opts.upgrade_opset)}: {message}; "
-                "use upgrade_opset=auto to fall back to uint8 indices"
+            raise PassCannotRun(
+                f"share-weights: upgrade_opset={_text(opts.upgrade_opset)}: {message}; run "
+                f"upgrade-opset(target={UINT4_OPSET}) first, or use upgrade_opset=auto to fall "
+                "back to uint8 indices"
             )
-        return 8, False, [message + "; indices are stored as uint8"]
+        return 8, [f"{message} (the upgrade-opset step did not succeed); indices are uint8"]
 
     # ------------------------------------------------------------------ one codebook
 
@@ -533,7 +548,7 @@ class ShareWeightsPass(Pass):
 
     # ------------------------------------------------------------------ report
 
-    def _result(self, records, skipped, notes, index_bits, upgraded) -> PassResult:
+    def _result(self, records, skipped, notes, index_bits) -> PassResult:
         before = sum(r["bytes_before"] for r in records)
         after = sum(r["bytes_after"] for r in records)
         seconds = sum(r["kmeans_seconds"] for r in records)
@@ -545,7 +560,6 @@ class ShareWeightsPass(Pass):
             "skipped": len(skipped),
             "bytes_before": before,
             "bytes_after": after,
-            "opset_upgraded": int(upgraded and bool(records)),
         }
         if records:
             form = "materialized" if self.options.materialize else f"uint{index_bits} indices"
@@ -610,15 +624,3 @@ def _text(value: bool | str) -> str:
 def _raise_ir_version(graph: gs.Graph) -> None:
     if (graph.ir_version or 0) < UINT4_IR:
         graph.ir_version = UINT4_IR
-
-
-def upgrade_opset(graph: gs.Graph, target: int, template: onnx.ModelProto) -> str | None:
-    """Convert ``graph`` in place to ``target``; None on success, else the reason
-    (graph unchanged)."""
-    if graph.functions:
-        return "the model has local functions, which onnx's version converter does not convert"
-    try:
-        convert_opset(graph, target, template, validate=True)
-    except ValueError as exc:
-        return str(exc)
-    return None

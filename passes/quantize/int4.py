@@ -39,9 +39,10 @@ Gather tables, ConvTranspose, 3-D convs and ``rounding=nearest`` round to neares
 Output forms. ``format=`` chooses how MatMul and MatMul-like Gemm weights are written:
 
 - ``dq`` (default): standard ONNX ``DequantizeLinear`` with an INT4/UINT4 input,
-  ``axis`` and ``block_size`` (opset 21 — the graph is converted with
-  ``upgrade-opset``'s converter when older). onnxruntime fuses DQ→MatMul (and
-  DQ→Gemm with ``transB=0``, ``alpha=beta=1``) into its ``MatMulNBits`` kernel.
+  ``axis`` and ``block_size`` (opset 21 — the pass declares it, and the PassManager
+  runs ``upgrade-opset(target=21)`` before it as a checked step when older).
+  onnxruntime fuses DQ→MatMul (and DQ→Gemm with ``transB=0``, ``alpha=beta=1``) into
+  its ``MatMulNBits`` kernel.
 - ``matmulnbits``: onnxruntime's ``com.microsoft.MatMulNBits`` written directly
   (MatMul, and Gemm with ``transA=0``, ``transB=0``, ``alpha=1``, ``beta=1`` and a
   bias of N values, which becomes its bias input) whose K is a multiple of
@@ -77,13 +78,25 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxopt.errors import PassCannotRun
+from onnxopt.graph import to_graph
 from onnxopt.passes.quantize import calibrate, gptq, numerics, upgrade
 from onnxopt.passes.quantize.int4_grid import Grid, Layout, choose_scales, round_nearest
-from onnxopt.pipeline import Pass, PassContext, PassResult, matches_any, option, register_pass
+from onnxopt.pipeline import (
+    Pass,
+    PassContext,
+    PassResult,
+    Requirement,
+    default_opset,
+    matches_any,
+    option,
+    register_pass,
+)
 from onnxopt.weights import reduction_axes
 
 log = logging.getLogger(__name__)
@@ -162,16 +175,24 @@ class QuantizeInt4Pass(Pass):
                     f"op_types: {', '.join(unknown)} not supported; valid: {', '.join(TARGET_OPS)}"
                 )
 
+    def requires(self, model: onnx.ModelProto) -> Requirement | None:
+        """Opset 21 when a weight takes the DequantizeLinear form (a checked step)."""
+        if default_opset(model) >= 21:
+            return None
+        if all(t.matmulnbits for t in self._targets(to_graph(model))):
+            return None
+        return Requirement("upgrade-opset(target=21)", "blocked INT4 DequantizeLinear needs 21")
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         targets = self._targets(graph)
         if not targets:
             return PassResult(False, notes=[_nothing_to_do(graph)])
         notes: list[str] = []
-        needs_dq = any(not t.matmulnbits for t in targets)
-        if needs_dq and upgrade.default_opset(graph) < 21:
-            old = upgrade.upgrade_graph(graph, ctx, 21)
-            notes.append(f"opset {old} upgraded to 21 (blocked INT4 DequantizeLinear)")
-            targets = self._targets(graph)
+        if any(not t.matmulnbits for t in targets) and upgrade.default_opset(graph) < 21:
+            raise PassCannotRun(
+                f"quantize-int4: opset {upgrade.default_opset(graph)} < 21 (blocked INT4 "
+                "DequantizeLinear needs 21); run upgrade-opset(target=21) first"
+            )
         hessians = self._hessians(graph, ctx, targets)
         self._graph = graph
         self._names = set(graph.tensors())

@@ -31,10 +31,10 @@ MaxPool...). The placement rules are the table in ``qdq.py``.
 - ``weights_only=true``: weight-only int8 (per-channel DequantizeLinear on
   Conv/ConvTranspose/Gemm/MatMul weights, activations and biases stay float); no
   calibration. onnxruntime turns DQ→MatMul into MatMulNBits(bits=8).
-- Opset < 13 (per-channel DequantizeLinear needs 13): upgraded in this step with
-  ``upgrade=true`` (default; the converted float model must match the original
-  within 1e-4 on the calibration samples), refused with ``upgrade=false``. The
-  separate ``upgrade-opset`` pass does the same as a step of its own.
+- Opset < 13 (per-channel DequantizeLinear needs 13): with ``upgrade=true`` (default)
+  the pass declares it needs opset 13, and the PassManager runs
+  ``upgrade-opset(target=13)`` before it as a checked lossless step of its own (when
+  that fails, this step is skipped with the reason); refused with ``upgrade=false``.
 
 Does nothing (no-op, the nodes left float reported as skipped) when no Conv/Gemm/MatMul
 qualifies: weights that are not float32 constants, graphs already quantized, op types
@@ -48,9 +48,10 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.errors import UsageError
+from onnxopt.errors import PassCannotRun, UsageError
 from onnxopt.graph import replace_contents
 from onnxopt.passes.quantize import (
     calibrate,
@@ -63,7 +64,15 @@ from onnxopt.passes.quantize import (
     speed,
     upgrade,
 )
-from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
+from onnxopt.pipeline import (
+    Pass,
+    PassContext,
+    PassResult,
+    Requirement,
+    default_opset,
+    option,
+    register_pass,
+)
 from onnxopt.results import Skipped
 from onnxopt.weights import output_axis
 
@@ -150,7 +159,7 @@ class Built:
 class Job:
     """One run of the pass: builds placements from the float graph and the report."""
 
-    def __init__(self, ctx: PassContext, options, float_graph: gs.Graph, notes, upgraded):
+    def __init__(self, ctx: PassContext, options, float_graph: gs.Graph, notes):
         self.ctx = ctx
         self.options = options
         self.float_graph = float_graph
@@ -158,7 +167,6 @@ class Job:
         self.notes: list[str] = notes
         self.details: dict = {}
         self.skipped: list[Skipped] = []  # nodes the first placement left float, and why
-        self.upgraded = upgraded
 
     def build(self, float_nodes: frozenset[str]) -> Built:
         """The int8 graph with ``float_nodes`` (and the user's exclusions) kept float."""
@@ -192,12 +200,10 @@ class Job:
     def unchanged(self, note: str | None = None) -> PassResult:
         if note:
             self.notes.append(note)
-        changed = bool(self.upgraded)
-        counts = {"opset_upgraded": int(changed)}
-        return PassResult(changed, counts, self.details, self.notes, skipped=self.skipped)
+        return PassResult(False, {}, self.details, self.notes, skipped=self.skipped)
 
     def finish(self, graph: gs.Graph, built: Built) -> PassResult:
-        counts = _counts(built, self.upgraded)
+        counts = _counts(built)
         self.details.update(_details(built, self.calibration))
         try:
             self.details["onnxruntime_ops"] = speed.runtime_ops(self.ctx.to_model(graph))
@@ -249,7 +255,7 @@ class QuantizeInt8Pass(Pass):
         rounding: Literal["gptq", "nearest"] = option(
             "gptq", "weight rounding: GPTQ error feedback on calibration data, or nearest"
         )
-        upgrade: bool = option(True, "upgrade opset < 13 to 13 in this step")
+        upgrade: bool = option(True, "upgrade opset < 13 to 13 first (a checked step)")
         prepare: bool = option(
             True, "fold constants, BatchNormalization and per-channel Mul/Add into Conv first"
         )
@@ -273,16 +279,16 @@ class QuantizeInt8Pass(Pass):
             return PassResult(False, notes=[f"model is already quantized ({found}): nothing done"])
         qdq.ensure_node_names(graph)
         notes: list[str] = []
-        upgraded = self._try_upgrade(graph, ctx, notes)
+        self._check_opset(graph)
         if opts.weights_only:
-            return self._weights_only(graph, notes, upgraded)
+            return self._weights_only(graph, notes)
         folds = prepare.prepare(graph, ctx) if opts.prepare else {}
         if folds.get("affine_folded"):
             notes.append(f"folded {folds['affine_folded']} per-channel Mul/Add into their Conv")
         equalized = equalize.equalize(graph, ctx) if opts.equalize else {}
         if equalized.get("pairs"):
             notes.append(f"equalized the channels of {equalized['pairs']} Conv pair(s)")
-        job = Job(ctx, opts, graph.copy(), notes, upgraded)
+        job = Job(ctx, opts, graph.copy(), notes)
         job.details["prepare"] = {**folds, "equalized": equalized}
         built = job.build(frozenset())
         job.skipped = built.plan.skipped
@@ -308,27 +314,29 @@ class QuantizeInt8Pass(Pass):
         replace_contents(graph, built.graph)
         return job.finish(graph, built)
 
-    def _try_upgrade(self, graph: gs.Graph, ctx: PassContext, notes: list[str]) -> int | None:
+    def requires(self, model: onnx.ModelProto) -> Requirement | None:
+        """Opset 13, from a checked ``upgrade-opset`` step (``upgrade=true``)."""
+        if not self.options.upgrade or default_opset(model) >= 13:
+            return None
+        if any(node.op_type in QUANTIZED_OPS for node in model.graph.node):
+            return None  # a no-op: nothing to upgrade for
+        return Requirement("upgrade-opset(target=13)", "per-channel DequantizeLinear needs 13")
+
+    def _check_opset(self, graph: gs.Graph) -> None:
         opset = upgrade.default_opset(graph)
         if opset >= 13:
-            return None
+            return
         if not self.options.upgrade:
             raise UsageError(
                 f"quantize-int8: opset {opset} < 13 (per-channel DequantizeLinear needs 13); "
                 "put upgrade-opset(target=13) in front or set upgrade=true"
             )
-        before = ctx.to_model(graph)
-        old = upgrade.upgrade_graph(graph, ctx, 13)
-        if ctx.calibration:
-            diff = upgrade.check_upgrade(before, ctx.to_model(graph), ctx)
-            if diff > 1e-4:
-                raise UsageError(
-                    f"quantize-int8: upgrading opset {old} -> 13 changed the outputs by {diff:.3g}"
-                )
-        notes.append(f"opset {old} upgraded to 13 before quantizing")
-        return old
+        raise PassCannotRun(
+            f"quantize-int8: opset {opset} < 13 (per-channel DequantizeLinear needs 13); "
+            "run upgrade-opset(target=13) first (the PassManager does)"
+        )
 
-    def _weights_only(self, graph: gs.Graph, notes: list[str], upgraded: int | None) -> PassResult:
+    def _weights_only(self, graph: gs.Graph, notes: list[str]) -> PassResult:
         rewriter = qdq.Rewriter(graph, {})
         count = 0
         for node in list(graph.nodes):
@@ -344,13 +352,12 @@ class QuantizeInt8Pass(Pass):
             )
             count += 1
         if not count:
-            return PassResult(bool(upgraded), notes=[*notes, "no float32 weight to quantize"])
+            return PassResult(False, notes=[*notes, "no float32 weight to quantize"])
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         counts = {
             "weights_quantized": count,
             "weight_bytes_before": rewriter.stats.weight_bytes_before,
             "weight_bytes_after": rewriter.stats.weight_bytes_after,
-            "opset_upgraded": int(bool(upgraded)),
         }
         return PassResult(True, counts, notes=notes)
 
@@ -383,7 +390,7 @@ def _already_quantized(graph: gs.Graph) -> str:
     return ", ".join(f"{op} x{n}" if n > 1 else op for op, n in sorted(counts.items()))
 
 
-def _counts(built: Built, upgraded: int | None) -> dict[str, float]:
+def _counts(built: Built) -> dict[str, float]:
     kinds = qdq.describe(built.plan)
     stats = built.rewrite
     return {
@@ -395,7 +402,6 @@ def _counts(built: Built, upgraded: int | None) -> dict[str, float]:
         "weights_quantized": stats.weights,
         "biases_int32": stats.biases,
         "kept_float": len(built.plan.skipped),
-        "opset_upgraded": int(bool(upgraded)),
     }
 
 

@@ -2,15 +2,16 @@
 
 Rewrite: ``onnx.version_converter.convert_version`` on the exported model, then the
 converted graph replaces the contents of the graph in place (nodes, inputs, outputs,
-opset). The quantization passes need opset 13 for per-channel QuantizeLinear /
-DequantizeLinear (``axis``) and opset 21 for blocked INT4 DequantizeLinear; put
-``upgrade-opset(target=13)`` in front of ``quantize-int8`` to have the conversion
-checked as a step of its own with the strict lossless budget (``quantize-int8`` also
-upgrades by itself when ``upgrade=true``, its default, and checks the converted model
-against the original on the calibration samples before quantizing).
+opset). Passes declare the opset they need (``quantize-int8``: 13, for per-channel
+QuantizeLinear / DequantizeLinear ``axis``; ``quantize-int4``: 21 for blocked INT4
+DequantizeLinear; ``share-weights``: 21 for uint4 indices) and the PassManager runs this
+pass in front of them as a checked step of its own, with the strict lossless budget,
+recorded in the report with ``required_by``. Written in a pipeline, it does the same.
 
-Does nothing when the opset is already at or above ``target``. Fails (the step is
-rolled back, with onnx's message) when the converter has no adapter for an op.
+Does nothing when the opset is already at or above ``target``. Cannot run (the step is
+rolled back with the reason, the run goes on; a pass that needed it is skipped) when
+the converter has no adapter for an op, or the model has local functions (onnx's
+converter leaves their bodies at the old opset).
 """
 
 from __future__ import annotations
@@ -18,12 +19,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt import runtime
-from onnxopt.errors import UsageError
+from onnxopt.errors import PassCannotRun
 from onnxopt.graph import convert_opset
 from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
 
@@ -37,29 +35,22 @@ def default_opset(graph: gs.Graph) -> int:
 
 
 def upgrade_graph(graph: gs.Graph, ctx: PassContext, target: int) -> int | None:
-    """Convert ``graph`` in place to opset ``target``; return the old opset (None: no-op)."""
+    """Convert ``graph`` in place to opset ``target``; return the old opset (None: no-op).
+    Raises PassCannotRun (graph unchanged) when onnx's converter cannot."""
     old = default_opset(graph)
     if old >= target:
         return None
+    if graph.functions:
+        raise PassCannotRun(
+            f"cannot upgrade opset {old} -> {target}: the model has local functions, "
+            "which onnx's version converter does not convert"
+        )
     try:
-        convert_opset(graph, target, ctx.template)
+        convert_opset(graph, target, ctx.template, validate=True)
     except ValueError as exc:
-        raise UsageError(f"cannot upgrade opset {old} -> {target}: {exc}") from None
+        raise PassCannotRun(f"cannot upgrade opset {old} -> {target}: {exc}") from None
     log.info("upgraded opset %d -> %d", old, target)
     return old
-
-
-def check_upgrade(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext) -> float:
-    """Largest output difference between the two models on the calibration samples."""
-    samples = ctx.calibration[:8]
-    ref = runtime.run_samples(runtime.make_session(before), samples)
-    got = runtime.run_samples(runtime.make_session(after), samples)
-    worst = 0.0
-    for a, b in zip(ref, got):
-        for name, value in a.items():
-            diff = np.abs(np.asarray(value, np.float64) - np.asarray(b[name], np.float64))
-            worst = max(worst, float(diff.max()) if diff.size else 0.0)
-    return worst
 
 
 @register_pass
