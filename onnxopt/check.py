@@ -2,8 +2,10 @@
 
 ``compare_outputs`` turns reference and candidate outputs (one dict per sample) into
 per-output metrics; a :class:`Budget` decides whether those metrics are acceptable.
-``structural_checks`` runs onnx's full checker, strict shape inference and an
-onnxruntime session build. ``assert_equivalent`` is the helper tests use.
+``structural_checks`` runs onnx's checker and strict shape inference with type
+checking and data propagation (together what ``check_model(full_check=True)`` does);
+the PassManager then builds the onnxruntime session itself (``manager.py``).
+``assert_equivalent`` is the helper tests use.
 
 Metrics, per output, over all validation samples together:
 
@@ -415,8 +417,10 @@ class StructuralReport:
 
 
 def structural_checks(model: onnx.ModelProto) -> tuple[StructuralReport, onnx.ModelProto | None]:
-    """onnx full checker + strict shape inference. Returns the report and the inferred
-    model (None when inference failed)."""
+    """onnx's checker (without its own shape inference) + strict shape inference with
+    type checking and data propagation: what ``full_check=True`` does, in two steps
+    that report separately. Returns the report and the inferred model (None when
+    inference failed). No onnxruntime session here: the PassManager builds it."""
     from onnxopt.model import EXTERNAL_DATA_THRESHOLD, densify_sparse_initializers, materialized
     from onnxopt.stored import has_stored
     from onnxopt.wire import proto_nbytes

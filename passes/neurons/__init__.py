@@ -88,8 +88,7 @@ class NeuronOptions:
     mode: Literal["l1", "l2", "dead"] = option(
         "l1", "l1 / l2: least important channels; dead: constant channels"
     )
-    # Optional[...] rather than "float | None": pipeline.coerce only knows typing.Union.
-    ratio: Optional[float] = option(  # noqa: UP045
+    ratio: Optional[float] = option(  # noqa: UP045  (options.coerce reads both forms)
         None, "fraction of the channels removed from every prunable group", range=(0.0, 1.0)
     )
     target_macs: Optional[float] = option(  # noqa: UP045
