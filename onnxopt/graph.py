@@ -116,11 +116,8 @@ def iter_nodes(graph: gs.Graph):
     """Nodes of ``graph`` and, recursively, of its If/Loop/Scan bodies."""
     for node in graph.nodes:
         yield node
-        for value in node.attrs.values():
-            subgraphs = value if isinstance(value, list) else [value]
-            for sub in subgraphs:
-                if isinstance(sub, gs.Graph):
-                    yield from iter_nodes(sub)
+        for sub in node.subgraphs():  # its graph attributes, in order
+            yield from iter_nodes(sub)
 
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
@@ -175,11 +172,8 @@ def _detach_renamed_constants(graph: gs.Graph) -> None:
 
 def _all_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
     yield graph
-    for node in graph.nodes:
-        for value in node.attrs.values():
-            for sub in value if isinstance(value, list) else [value]:
-                if isinstance(sub, gs.Graph):
-                    yield from _all_graphs(sub)
+    for sub in graph.subgraphs():  # node by node, each node's graph attributes in order
+        yield from _all_graphs(sub)
 
 
 def _restore_input_defaults(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
@@ -281,11 +275,7 @@ def lift_constant_nodes(graph: gs.Graph) -> int:
             keep.append(node)
             continue
         out = node.outputs[0]
-        const = gs.Constant(out.name, values)
-        for consumer in list(out.outputs):
-            for i, tensor in enumerate(consumer.inputs):
-                if tensor is out:
-                    consumer.inputs[i] = const
+        replace_uses(out, gs.Constant(out.name, values))
         node.outputs.clear()
         lifted += 1
     graph.nodes = keep
@@ -369,6 +359,26 @@ def forget_shapes(tensors: Iterable[gs.Tensor]) -> None:
             tensor.shape = None
 
 
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, else ``base_1``, ``base_2``...: the first name not in ``taken``, which
+    it then joins (so the next call cannot return it)."""
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
+def replace_uses(old: gs.Tensor, new: gs.Tensor, readers: Iterable[gs.Node] | None = None) -> None:
+    """Make every node that reads ``old`` (or only ``readers``) read ``new`` instead, at
+    every input position; graph outputs are left to the caller."""
+    for reader in list(old.outputs) if readers is None else list(readers):
+        for i, tensor in enumerate(reader.inputs):
+            if tensor is old:
+                reader.inputs[i] = new
+
+
 def bypass_node(graph: gs.Graph, node: gs.Node, keep_input: int = 0) -> bool:
     """Remove a single-output node by wiring its consumers to ``node.inputs[keep_input]``.
 
@@ -385,20 +395,13 @@ def bypass_node(graph: gs.Graph, node: gs.Node, keep_input: int = 0) -> bool:
         if upstream is None:
             return False
         index = graph.outputs.index(out)
-        for consumer in list(source.outputs):
-            if consumer is not node:
-                for i, t in enumerate(consumer.inputs):
-                    if t is source:
-                        consumer.inputs[i] = out
+        replace_uses(source, out, [c for c in source.outputs if c is not node])
         out.inputs.clear()
         upstream.outputs[upstream.outputs.index(source)] = out
         graph.outputs[index] = out
         node.inputs.clear()
         return True
-    for consumer in list(out.outputs):
-        for i, tensor in enumerate(consumer.inputs):
-            if tensor is out:
-                consumer.inputs[i] = source
+    replace_uses(out, source)
     node.outputs.clear()
     node.inputs.clear()
     return True

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxopt.graph import replace_uses
 from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,4 @@ def _raw(tensor: gs.Constant) -> np.ndarray:
 
 
 def _rewire(duplicate: gs.Constant, kept: gs.Constant) -> None:
-    for consumer in list(duplicate.outputs):
-        for index, tensor in enumerate(consumer.inputs):
-            if tensor is duplicate:
-                consumer.inputs[index] = kept
+    replace_uses(duplicate, kept)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxopt.graph import unique_name
 from onnxopt.pipeline import Pass, PassContext, PassResult, register_pass
 from onnxopt.results import SKIPPED, Skip, skip_label
 
@@ -128,11 +129,7 @@ class FoldBatchNormPass(Pass):
         node.inputs.append(tensor)
 
     def _fresh_name(self, base: str) -> str:
-        name, index = base, 1
-        while name in self._names:
-            name, index = f"{base}_{index}", index + 1
-        self._names.add(name)
-        return name
+        return unique_name(base, self._names)
 
     @staticmethod
     def _take_over_output(graph: gs.Graph, layer: gs.Node, bn: gs.Node) -> None:

@@ -30,6 +30,7 @@ from onnxopt.cli import main
 
 sys.path.insert(0, str(ROOT / "tools"))
 import fuzz
+import fuzz_seeds
 
 FAST_CASES = 500
 SLOW_CASES = 5000
@@ -485,7 +486,7 @@ def test_no_pass_corrupts_if_loop_scan_bodies(seed_model):
 
     from onnxopt.check import LOSSLESS_BUDGET, Budget, compare_outputs
 
-    model = fuzz.TINY_SEEDS[seed_model]()
+    model = fuzz_seeds.TINY_SEEDS[seed_model]()
     feeds = seeded_feeds(model, count=64, seed=11)
     expected = run(model, feeds)
     for name in fuzz.load_passes():
@@ -553,7 +554,7 @@ def test_b12_outer_scope_weight_stays_in_the_main_graph():
 
 
 def test_p1_prune_refit_with_an_input_that_has_a_default():
-    model = fuzz.TINY_SEEDS["tiny-mlp"]()
+    model = fuzz_seeds.TINY_SEEDS["tiny-mlp"]()
     model.graph.input.append(_vi("W1", [4, 16]))
     result = onnxopt.optimize(model, "prune-initializers(sparsity=0.5,min_size=16)", seed=0)
     assert not result.steps[0]["reason"].startswith("pass raised"), result.steps[0]["reason"]

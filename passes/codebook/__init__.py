@@ -111,15 +111,8 @@ from onnxopt.passes.codebook.kmeans import Encoded, encode, encode_scaled
 from onnxopt.passes.codebook.measure import row_error, stats
 from onnxopt.passes.codebook.rewrite import Rewriter
 from onnxopt.passes.codebook.selection import Candidate, Selection, select
-from onnxopt.pipeline import (
-    Pass,
-    PassContext,
-    PassResult,
-    Requirement,
-    default_opset,
-    option,
-    register_pass,
-)
+from onnxopt.pipeline import Pass, PassContext, PassResult, option, register_pass
+from onnxopt.registry import Requirement, default_opset
 from onnxopt.results import Skip
 
 log = logging.getLogger(__name__)

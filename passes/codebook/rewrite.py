@@ -18,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxopt.graph import replace_uses, unique_name
 from onnxopt.passes.codebook.kmeans import Encoded, pack_uint4
 
 SPLIT_INPUT_OPSET = 13  # Split's sizes: an attribute before, an input from opset 13
@@ -40,11 +41,7 @@ class Rewriter:
                 return stem
 
     def fresh(self, base: str) -> str:
-        name, index = base, 1
-        while name in self._names:
-            name, index = f"{base}_{index}", index + 1
-        self._names.add(name)
-        return name
+        return unique_name(base, self._names)
 
     def rewire(self, tensor: gs.Constant, encoded: Encoded, index_bits: int) -> dict[str, str]:
         """Replace ``tensor`` by its rebuild (tensor, channel or scaled form) for all its
@@ -137,7 +134,4 @@ def split_bytes(members: list) -> int:
 
 def redirect(tensor: gs.Constant, rebuilt: gs.Variable) -> None:
     """Every consumer of ``tensor`` reads ``rebuilt`` instead."""
-    for consumer in list(tensor.outputs):
-        for i, inp in enumerate(consumer.inputs):
-            if inp is tensor:
-                consumer.inputs[i] = rebuilt
+    replace_uses(tensor, rebuilt)

@@ -83,16 +83,29 @@ def no_padding(node: gs.Node) -> bool:
 # ---------------------------------------------------------------------------- conv family
 
 
-@channel_handler("Conv")
-def _conv(node: gs.Node, cg: ChannelGraph) -> None:
+def _conv_operands(node: gs.Node, cg: ChannelGraph):
+    """``(weight, shape, group, input layout)`` of a Conv/ConvTranspose, or None when
+    its weight or bias is not a constant (the node is blocked)."""
     x, weight, bias = input_at(node, 0), input_at(node, 1), input_at(node, 2)
     if not _constants(weight, bias):
         cg.block(node, "weight or bias is not a constant")
-        return
+        return None
     shape = tuple(weight.shape)
     group = int(node.attrs.get("group", 1))
-    out_channels, in_channels = shape[0], shape[1] * group
-    layout = _channel_input(node, cg, x, in_channels)
+    # Conv W[O, I/g, k...]; ConvTranspose W[I, O/g, k...]
+    in_channels = shape[0] if node.op == "ConvTranspose" else shape[1] * group
+    return weight, shape, group, _channel_input(node, cg, x, in_channels)
+
+
+@channel_handler("Conv", "ConvTranspose")
+def _conv_family(node: gs.Node, cg: ChannelGraph) -> None:
+    operands = _conv_operands(node, cg)
+    if operands is not None:
+        (_conv if node.op == "Conv" else _conv_transpose)(node, cg, *operands)
+
+
+def _conv(node: gs.Node, cg: ChannelGraph, weight, shape, group, layout) -> None:
+    out_channels = shape[0]
     if group > 1 and shape[1] == 1:
         _depthwise(node, cg, layout, weight, out_channels // group)
         return
@@ -134,16 +147,8 @@ def _depthwise(node, cg, layout, weight, multiplier) -> None:
     cg.mac_term(node, None, out)
 
 
-@channel_handler("ConvTranspose")
-def _conv_transpose(node: gs.Node, cg: ChannelGraph) -> None:
-    x, weight, bias = input_at(node, 0), input_at(node, 1), input_at(node, 2)
-    if not _constants(weight, bias):
-        cg.block(node, "weight or bias is not a constant")
-        return
-    shape = tuple(weight.shape)
-    group = int(node.attrs.get("group", 1))
+def _conv_transpose(node: gs.Node, cg: ChannelGraph, weight, shape, group, layout) -> None:
     in_channels, out_channels = shape[0], shape[1] * group
-    layout = _channel_input(node, cg, x, in_channels)
     if group > 1 and group == in_channels:
         if layout is not None:
             out = layout.repeat(shape[1]).varying()

@@ -30,19 +30,20 @@ def _dims(tensor: gs.Tensor, shapes: Shapes) -> Dims | None:
 
 
 def _conv(node: gs.Node, shapes: Shapes) -> int:
-    weight = _dims(node.inputs[1], shapes)
-    out = _dims(node.outputs[0], shapes)
-    if weight is None or out is None:
-        return 0
-    return _prod(out) * _prod(weight[1:])
+    return _per_weight_row(node, node.outputs[0], shapes)  # every output reads a row
 
 
 def _conv_transpose(node: gs.Node, shapes: Shapes) -> int:
+    return _per_weight_row(node, node.inputs[0], shapes)  # every input spreads over a row
+
+
+def _per_weight_row(node: gs.Node, tensor: gs.Tensor, shapes: Shapes) -> int:
+    """Elements of ``tensor`` times the size of one weight row ``W[0]``."""
     weight = _dims(node.inputs[1], shapes)
-    x = _dims(node.inputs[0], shapes)
-    if weight is None or x is None:
+    dims = _dims(tensor, shapes)
+    if weight is None or dims is None:
         return 0
-    return _prod(x) * _prod(weight[1:])
+    return _prod(dims) * _prod(weight[1:])
 
 
 def _gemm(node: gs.Node, shapes: Shapes) -> int:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import forget_shapes
+from onnxopt.graph import forget_shapes, unique_name
 from onnxopt.passes.neurons.groups import ChannelGraph
 from onnxopt.passes.neurons.handlers import ELEMENTWISE, MIXING, UNARY
 from onnxopt.passes.neurons.layout import normalize_axis
@@ -68,10 +68,7 @@ class Rewriter:
     def replace(self, node: gs.Node, index: int, values: np.ndarray) -> None:
         old = node.inputs[index]
         base = f"{old.name}_pruned" if old.name else f"{node.name}_param"
-        name, counter = base, 1
-        while name in self.names:
-            name, counter = f"{base}_{counter}", counter + 1
-        self.names.add(name)
+        name = unique_name(base, self.names)
         export = getattr(old, "export_dtype", None)
         node.inputs[index] = gs.Constant(name, np.ascontiguousarray(values), export_dtype=export)
 
@@ -245,11 +242,7 @@ def _split(node: gs.Node, rw: Rewriter) -> None:
 
 
 def _fresh(rw: Rewriter, base: str) -> str:
-    name, counter = base, 1
-    while name in rw.names:
-        name, counter = f"{base}_{counter}", counter + 1
-    rw.names.add(name)
-    return name
+    return unique_name(base, rw.names)
 
 
 @channel_rewriter("Slice")

@@ -188,10 +188,22 @@ def zero_global(arrays: list[np.ndarray], sparsity: float) -> None:
     """One ranking over all ``arrays`` by ``|w| / rms(tensor)`` (float64), ties by
     (tensor order, position); zero the lowest ``round(s * total)`` in place."""
     flats = [a.reshape(-1) for a in arrays]
+    ranked = _global_key(flats, sparsity)
+    if ranked is None:
+        return
+    scorers, key, ties = ranked
+    for flat, score in zip(flats, scorers):
+        ties = _zero_ranked(flat, score, key, ties)
+
+
+def _global_key(flats: list[np.ndarray], sparsity: float):
+    """``(scorers, key, ties)`` of the global ranking: per tensor ``|w| / rms``, the key
+    of the ``round(s * total)``-th weight and how many equal to it are zeroed; None
+    when nothing is zeroed."""
     total = sum(f.size for f in flats)
     count = round(sparsity * total)
     if count <= 0:
-        return
+        return None
     scorers = [_scorer(_rms(f)) for f in flats]
 
     def stream() -> Iterator[np.ndarray]:
@@ -199,9 +211,7 @@ def zero_global(arrays: list[np.ndarray], sparsity: float) -> None:
             yield from map(score, chunks(flat))
 
     key, below = select_key(stream, min(count, total) - 1, 64)
-    ties = count - below
-    for flat, score in zip(flats, scorers):
-        ties = _zero_ranked(flat, score, key, ties)
+    return scorers, key, count - below
 
 
 def _rms(flat: np.ndarray) -> float:
@@ -291,18 +301,10 @@ def global_counts(arrays: list[np.ndarray], sparsity: float) -> list[int]:
     """How many weights of each of ``arrays`` the ranking of :func:`zero_global` would
     zero (the same key and the same ties), without zeroing anything."""
     flats = [a.reshape(-1) for a in arrays]
-    total = sum(f.size for f in flats)
-    count = round(sparsity * total)
-    if count <= 0:
+    ranked = _global_key(flats, sparsity)
+    if ranked is None:
         return [0] * len(flats)
-    scorers = [_scorer(_rms(f)) for f in flats]
-
-    def stream() -> Iterator[np.ndarray]:
-        for flat, score in zip(flats, scorers):
-            yield from map(score, chunks(flat))
-
-    key, below = select_key(stream, min(count, total) - 1, 64)
-    ties = count - below
+    scorers, key, ties = ranked
     counts = []
     for flat, score in zip(flats, scorers):
         found = 0

@@ -84,7 +84,7 @@ from onnx import TensorProto, helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt.errors import PassCannotRun
-from onnxopt.graph import to_graph
+from onnxopt.graph import to_graph, unique_name
 from onnxopt.passes.quantize import calibrate, gptq, numerics, upgrade
 from onnxopt.passes.quantize.int4_grid import Grid, Layout, choose_scales, round_nearest
 from onnxopt.pipeline import (
@@ -336,12 +336,7 @@ class QuantizeInt4Pass(Pass):
         return q, scale, zero
 
     def _fresh(self, base: str) -> str:
-        name, k = base, 0
-        while name in self._names:
-            k += 1
-            name = f"{base}_{k}"
-        self._names.add(name)
-        return name
+        return unique_name(base, self._names)
 
     def _emit_dq(
         self, target: Target, weight: gs.Constant, q: np.ndarray, scale: np.ndarray,

@@ -43,6 +43,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxopt.graph import replace_uses, unique_name
 from onnxopt.passes.quantize import numerics
 from onnxopt.passes.quantize.numerics import ActivationType, QuantParams
 from onnxopt.pipeline import matches_any
@@ -68,7 +69,6 @@ class QdqRule:
     weight: int | None = None
     bias: int | None = None
     output: Literal["required", "optional", "own", "shared"] = "own"
-    weight_axis: Callable[[gs.Node], int] | None = None
 
 
 QDQ_RULES: dict[str, QdqRule] = {}
@@ -110,10 +110,7 @@ def _bias_reason(node: gs.Node, index: int, channels: int) -> str | None:
 # ---------------------------------------------------------------------------- core ops
 
 
-@qdq_rule(
-    "Conv", "core", "QLinearConv", weight=1, bias=2, output="required",
-    weight_axis=lambda node: output_axis(node, 1, 4),
-)  # fmt: skip
+@qdq_rule("Conv", "core", "QLinearConv", weight=1, bias=2, output="required")
 def _conv(node: gs.Node) -> str | None:
     if not _variable_float(node.inputs[0]):
         return "input is not a float32 activation"
@@ -122,10 +119,7 @@ def _conv(node: gs.Node) -> str | None:
     return _bias_reason(node, 2, node.inputs[1].values.shape[0])
 
 
-@qdq_rule(
-    "Gemm", "core", "QGemm", weight=1, bias=2, output="optional",
-    weight_axis=lambda node: output_axis(node, 1, 2),
-)  # fmt: skip
+@qdq_rule("Gemm", "core", "QGemm", weight=1, bias=2, output="optional")
 def _gemm(node: gs.Node) -> str | None:
     if not _variable_float(node.inputs[0]):
         return "input A is not a float32 activation"
@@ -135,10 +129,7 @@ def _gemm(node: gs.Node) -> str | None:
     return _bias_reason(node, 2, weight.values.shape[output_axis(node, 1, 2)])
 
 
-@qdq_rule(
-    "MatMul", "core", "QLinearMatMul / MatMulIntegerToFloat", weight=1, output="optional",
-    weight_axis=lambda node: output_axis(node, 1, 2),
-)  # fmt: skip
+@qdq_rule("MatMul", "core", "QLinearMatMul / MatMulIntegerToFloat", weight=1, output="optional")
 def _matmul(node: gs.Node) -> str | None:
     if not _variable_float(node.inputs[0]):
         return "input A is not a float32 activation"
@@ -312,12 +303,7 @@ def ensure_node_names(graph: gs.Graph) -> int:
     for index, node in enumerate(graph.nodes):
         if node.name:
             continue
-        name, k = f"{node.op}_{index}", 0
-        while name in taken:
-            k += 1
-            name = f"{node.op}_{index}_{k}"
-        node.name = name
-        taken.add(name)
+        node.name = unique_name(f"{node.op}_{index}", taken)
         named += 1
     return named
 
@@ -561,19 +547,10 @@ class Rewriter:
     # -- graph edits
 
     def _fresh(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.names:
-            k += 1
-            name = f"{base}_{k}"
-        self.names.add(name)
-        return name
+        return unique_name(base, self.names)
 
     def _remove_absorbed(self, node: gs.Node) -> None:
-        source, out = node.inputs[0], node.outputs[0]
-        for consumer in list(out.outputs):
-            for i, tensor in enumerate(consumer.inputs):
-                if tensor is out:
-                    consumer.inputs[i] = source
+        replace_uses(node.outputs[0], node.inputs[0])
         node.inputs.clear()
         node.outputs.clear()
         self.stats.absorbed += 1
@@ -607,10 +584,7 @@ class Rewriter:
             dequantized = gs.Variable(
                 self._fresh(f"{tensor.name}_dequantized"), np.float32, tensor.shape
             )
-        for reader in readers:
-            for i, t in enumerate(reader.inputs):
-                if t is tensor:
-                    reader.inputs[i] = dequantized
+        replace_uses(tensor, dequantized, readers)
         base = tensor.name
         self.graph.nodes.append(
             gs.Node("QuantizeLinear", self._fresh(f"{base}_QuantizeLinear"),
@@ -627,7 +601,7 @@ class Rewriter:
         if rule.weight is None or not isinstance(node.inputs[rule.weight], gs.Constant):
             return
         weight = node.inputs[rule.weight]
-        axis = rule.weight_axis(node)
+        axis = output_axis(node, rule.weight, weight.values.ndim)  # per output channel
         bias = None
         if rule.bias is not None and rule.bias < len(node.inputs):
             candidate = node.inputs[rule.bias]
