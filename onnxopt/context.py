@@ -61,7 +61,7 @@ class PassContext:
         return self.evaluator(graph)
 
     def to_model(self, graph: gs.Graph) -> onnx.ModelProto:
-        return graph_utils.to_model(graph.copy(), self.template)
+        return graph_utils.to_model(graph, self.template)
 
     def activations(
         self, graph: gs.Graph, names: Sequence[str], desc: str = "calibrating"

@@ -125,9 +125,11 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     default values of overridable inputs (taken from ``template``, the model the graph
     was imported from), and outer-scope weights it copies into subgraph bodies.
 
-    During a run whose weights are on disk (``onnxopt.store``), the graph's new weight
-    arrays are first written to the run's store and replaced by stubs (in ``graph``
-    itself: pass a copy to keep the arrays), so the exported model is light."""
+    ``graph`` is left alone: the export works on a copy (``Graph.copy`` shares the
+    weight arrays, so this costs the nodes and tensors, not the weights). During a run
+    whose weights are on disk (``onnxopt.store``), the copy's new weight arrays are
+    first written to the run's store and replaced by stubs, so the model is light."""
+    graph = graph.copy()
     if (graph.ir_version or template.ir_version) < 4:
         # IR 3 requires every initializer to be listed as a graph input; lifting
         # Constant nodes would break that. IR 4 drops the rule and runs everywhere.
@@ -240,7 +242,7 @@ def convert_opset(
 
     # stored (on-disk) weights go in as typed inputs: the converter reads every byte
     model, stubs, added = initializers_as_inputs(
-        to_model(graph.copy(), template), lambda t: stored_path(t) is not None
+        to_model(graph, template), lambda t: stored_path(t) is not None
     )
     try:
         converted = onnx.version_converter.convert_version(model, target)

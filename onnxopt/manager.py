@@ -294,7 +294,7 @@ class PassManager:
         target = state.previous if step.pass_cls.lossless else state.reference
 
         def evaluate(graph: gs.Graph) -> Evaluation:
-            candidate = graph_utils.to_model(graph.copy(), accepted)
+            candidate = graph_utils.to_model(graph, accepted)
             try:
                 session = runtime.make_session(candidate)
                 outputs = runtime.run_samples(session, state.validation)
