@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -79,6 +80,23 @@ class Pass:
         if cls.default_budget is not None:
             return cls.default_budget
         return LOSSLESS_BUDGET if cls.lossless else LOSSY_BUDGET
+
+
+def table_decorator(table: dict[str, Any], what: str) -> Callable[..., Callable]:
+    """A decorator ``@name("Op1", "Op2")`` that files a function under each op type in
+    ``table`` — a per-op handler table read top to bottom — and rejects a duplicate."""
+
+    def decorator(*ops: str) -> Callable:
+        def register(function: Callable) -> Callable:
+            for op in ops:
+                if op in table:
+                    raise ValueError(f"duplicate {what} for {op}")
+                table[op] = function
+            return function
+
+        return register
+
+    return decorator
 
 
 _REGISTRY: dict[str, type[Pass]] = {}

@@ -22,21 +22,14 @@ import onnx_graphsurgeon as gs
 from onnxopt.passes.neurons import magnitudes as mag
 from onnxopt.passes.neurons.groups import ChannelGraph
 from onnxopt.passes.neurons.layout import Layout, normalize_axis
+from onnxopt.registry import table_decorator
 from onnxopt.weights import output_axis, reduction_axes
 
 Handler = Callable[[gs.Node, ChannelGraph], None]
 HANDLERS: dict[str, Handler] = {}
 
 
-def channel_handler(*ops: str) -> Callable[[Handler], Handler]:
-    def register(function: Handler) -> Handler:
-        for op in ops:
-            if op in HANDLERS:
-                raise ValueError(f"duplicate channel handler for {op}")
-            HANDLERS[op] = function
-        return function
-
-    return register
+channel_handler = table_decorator(HANDLERS, "channel handler")
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -29,20 +29,13 @@ from onnxopt.passes.neurons.groups import ChannelGraph
 from onnxopt.passes.neurons.handlers import ELEMENTWISE, MIXING, UNARY
 from onnxopt.passes.neurons.layout import normalize_axis
 from onnxopt.passes.neurons.reshaping import REDUCE
+from onnxopt.registry import table_decorator
 
 Rewrite = Callable[[gs.Node, "Rewriter"], None]
 REWRITERS: dict[str, Rewrite] = {}
 
 
-def channel_rewriter(*ops: str) -> Callable[[Rewrite], Rewrite]:
-    def register(function: Rewrite) -> Rewrite:
-        for op in ops:
-            if op in REWRITERS:
-                raise ValueError(f"duplicate channel rewriter for {op}")
-            REWRITERS[op] = function
-        return function
-
-    return register
+channel_rewriter = table_decorator(REWRITERS, "channel rewriter")
 
 
 class Rewriter:
