@@ -138,8 +138,7 @@ def format_table(report: dict[str, Any], width: int | None = None, wide: bool = 
     """The terminal summary: a header line (data, inputs, budget), one row per step with
     the reason of every step that was not accepted under it, and the totals. It fits
     ``width`` columns by dropping columns in ``DROP_ORDER``; ``wide`` keeps all."""
-    # a step's prerequisites (an upgrade-opset its pass declared) get rows above it
-    steps = [p for s in report["steps"] for p in (*s.get("prerequisites", ()), s)]
+    steps = step_rows(report["steps"])
     rows = [_step_cells(s) for s in steps]
     rows.append(_total_cells(report))
     columns = list(COLUMNS)
@@ -166,12 +165,41 @@ def format_table(report: dict[str, Any], width: int | None = None, wide: bool = 
     return "\n".join([*_header_lines(report, width if not wide else None), *lines])
 
 
+def step_rows(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of a step table: each step, after the prerequisites its pass declared
+    (an ``upgrade-opset`` step recorded in it). The terminal and the HTML page use it."""
+    return [p for s in steps for p in (*s.get("prerequisites", ()), s)]
+
+
+def step_label(step: dict[str, Any]) -> tuple[str, str]:
+    """``(number, text)`` of a step row; a prerequisite says which step it serves."""
+    required_by = step.get("required_by")
+    if required_by:
+        return "", f"{step['step']} (for {required_by.split('(')[0]})"
+    return str(step["index"]), step["step"]
+
+
+def step_reason(step: dict[str, Any]) -> str:
+    """Why a step was not accepted: the failed check, else the pass's own note, else
+    the first thing it skipped ("" for an accepted step). Terminal and HTML use it."""
+    if step["status"] == "accepted":
+        return ""
+    reason = step.get("reason") or ""
+    if not reason and step.get("notes"):
+        reason = step["notes"][0]
+    if not reason and step.get("skipped"):
+        reason = skip_label(step["skipped"][0])
+        if len(step["skipped"]) > 1:
+            reason += f" (+{len(step['skipped']) - 1} more skipped)"
+    return reason.splitlines()[0] if reason else ""
+
+
 def _step_cells(s: dict[str, Any]) -> dict[str, Any]:
     after = s["after"] or s["before"] or {}
+    number, text = step_label(s)
     return {
-        "#": "" if s.get("required_by") else str(s["index"]),
-        "step": s["step"]
-        + (f" (for {s['required_by'].split('(')[0]})" if s.get("required_by") else ""),
+        "#": number,
+        "step": text,
         "status": s["status"],
         "time": f"{s['seconds']:.2f}s",
         "nodes": str(after.get("nodes", "")),
@@ -227,16 +255,9 @@ def _reason_lines(step: dict[str, Any], width: int | None) -> list[str]:
         shown = ("numpy warning", "lossless within float rounding")
         warned = [n for n in step.get("notes") or [] if n.startswith(shown)]
         return ["     " + line for n in warned for line in textwrap.wrap(f"note: {n}", limit)]
-    reason = step.get("reason") or ""
-    if not reason and step.get("notes"):
-        reason = step["notes"][0]
-    if not reason and step.get("skipped"):
-        reason = skip_label(step["skipped"][0])
-        if len(step["skipped"]) > 1:
-            reason += f" (+{len(step['skipped']) - 1} more skipped)"
-    if not reason:
+    first = step_reason(step)
+    if not first:
         return []
-    first = reason.splitlines()[0]
     return ["     " + line for line in textwrap.wrap(f"why: {first}", limit)[:4]]
 
 

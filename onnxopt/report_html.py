@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from onnxopt import html
+from onnxopt.report import step_label, step_reason, step_rows
 
 # ---------------------------------------------------------------------------- page
 
@@ -109,13 +110,14 @@ def _step_table(steps: list[dict[str, Any]]) -> str:
         "why (when not accepted)",
     )
     rows, classes = [], []
-    for s in steps:
+    for s in step_rows(steps):
         after = s.get("after") or s.get("before") or {}
         worst = _worst(s)
+        number, text = step_label(s)
         rows.append(
             (
-                s["index"],
-                s["step"],
+                number,
+                text,
                 s["status"],
                 float(s.get("seconds", 0.0)),
                 _bytes(after.get("size")),
@@ -124,18 +126,11 @@ def _step_table(steps: list[dict[str, Any]]) -> str:
                 _num(worst.get("sqnr")),
                 _num(worst.get("cosine")),
                 _num(worst.get("top1")),
-                _why(s),
+                step_reason(s),
             )
         )
         classes.append({"rolled back": "failed", "no-op": "muted"}.get(s["status"]))
     return html.table(header, rows, row_classes=classes)
-
-
-def _why(step: dict[str, Any]) -> str:
-    if step["status"] == "accepted":
-        return ""
-    reason = step.get("reason") or (step.get("notes") or [""])[0]
-    return reason.splitlines()[0] if reason else ""
 
 
 def _worst(step: dict[str, Any]) -> dict[str, Any]:

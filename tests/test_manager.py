@@ -16,6 +16,7 @@ from onnxopt.check import assert_equivalent
 from onnxopt.errors import CheckFailed
 from onnxopt.pipeline import Pass, PassResult, option, register_pass, unregister_pass
 from onnxopt.report import format_table
+from onnxopt.report_html import render_report
 
 
 def _gemm_weights(graph: gs.Graph) -> list[gs.Constant]:
@@ -425,7 +426,9 @@ def test_declared_opset_runs_upgrade_as_a_checked_step_of_its_own():
     assert upgrade["metrics_vs_previous"]  # checked like any lossless step
     assert (step["index"], step["status"], step["required_by"]) == (1, "no-op", "")
     assert {o.domain: o.version for o in result.model.opset_import}[""] == 13
+    # the terminal and the HTML page read the same rows
     assert "upgrade-opset (for test-needs-opset13)" in format_table(result.report)
+    assert "upgrade-opset (for test-needs-opset13)" in render_report(result.report)
     # the pass saw opset 13 and the RNG of its own step, as if nothing came before
     again = onnxopt.optimize(result.model, "test-needs-opset13", budget="none")
     assert again.steps[0]["prerequisites"] == []  # satisfied: nothing to run
