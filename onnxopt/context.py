@@ -23,6 +23,7 @@ from onnxopt.check import (
 from onnxopt.data import Feed
 from onnxopt.errors import UsageError
 from onnxopt.progress import SILENT, Progress
+from onnxopt.store import WeightStore
 
 
 @dataclass
@@ -52,6 +53,7 @@ class PassContext:
     budget: Budget
     progress: Progress = SILENT
     evaluator: Callable[[gs.Graph], Evaluation] | None = None
+    store: WeightStore | None = None  # a large model's run: where new weights are written
 
     def evaluate(self, graph: gs.Graph) -> Evaluation:
         """Measure ``graph`` exactly as the PassManager will (budget, reference). A graph
@@ -61,7 +63,7 @@ class PassContext:
         return self.evaluator(graph)
 
     def to_model(self, graph: gs.Graph) -> onnx.ModelProto:
-        return graph_utils.to_model(graph, self.template)
+        return graph_utils.to_model(graph, self.template, self.store)
 
     def activations(
         self, graph: gs.Graph, names: Sequence[str], desc: str = "calibrating"

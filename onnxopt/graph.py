@@ -22,7 +22,7 @@ from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from onnxopt.model import initializers_as_inputs, sparse_to_dense
-from onnxopt.store import active_store, wrap_stored
+from onnxopt.store import WeightStore, wrap_stored
 from onnxopt.stored import stored_path
 from onnxopt.weights import WEIGHT_INPUTS as WEIGHT_INPUTS
 from onnxopt.weights import WeightRef as WeightRef
@@ -120,21 +120,23 @@ def iter_nodes(graph: gs.Graph):
             yield from iter_nodes(sub)
 
 
-def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+def to_model(
+    graph: gs.Graph, template: onnx.ModelProto, store: WeightStore | None = None
+) -> onnx.ModelProto:
     """Export ``graph``; restore what graphsurgeon does not carry: model-level fields,
     default values of overridable inputs (taken from ``template``, the model the graph
     was imported from), and outer-scope weights it copies into subgraph bodies.
 
     ``graph`` is left alone: the export works on a copy (``Graph.copy`` shares the
-    weight arrays, so this costs the nodes and tensors, not the weights). During a run
-    whose weights are on disk (``onnxopt.store``), the copy's new weight arrays are
-    first written to the run's store and replaced by stubs, so the model is light."""
+    weight arrays, so this costs the nodes and tensors, not the weights). With the
+    ``store`` of a run whose weights are on disk (``onnxopt.store``; passes get it as
+    ``ctx.store`` and export with ``ctx.to_model``), the copy's new weight arrays are
+    first written to that store and replaced by stubs, so the model is light."""
     graph = graph.copy()
     if (graph.ir_version or template.ir_version) < 4:
         # IR 3 requires every initializer to be listed as a graph input; lifting
         # Constant nodes would break that. IR 4 drops the rule and runs everywhere.
         graph.ir_version = 4
-    store = active_store()
     if store is not None:  # a large model's run: new weight arrays go to disk first
         store.spill_graph(graph)
     _detach_renamed_constants(graph)
@@ -229,7 +231,12 @@ def replace_contents(graph: gs.Graph, source: gs.Graph) -> None:
 
 
 def convert_opset(
-    graph: gs.Graph, target: int, template: onnx.ModelProto, *, validate: bool = False
+    graph: gs.Graph,
+    target: int,
+    template: onnx.ModelProto,
+    *,
+    validate: bool = False,
+    store: WeightStore | None = None,
 ) -> None:
     """Convert ``graph`` in place to default-domain opset ``target`` with onnx's version
     converter (it works on a ModelProto: export, convert, re-import, swap contents).
@@ -242,7 +249,7 @@ def convert_opset(
 
     # stored (on-disk) weights go in as typed inputs: the converter reads every byte
     model, stubs, added = initializers_as_inputs(
-        to_model(graph, template), lambda t: stored_path(t) is not None
+        to_model(graph, template, store), lambda t: stored_path(t) is not None
     )
     try:
         converted = onnx.version_converter.convert_version(model, target)

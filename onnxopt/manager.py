@@ -8,7 +8,6 @@ failed pass touched (docs/design.md, "One step of a run")."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import os
@@ -175,17 +174,16 @@ class PassManager:
             store = WeightStore()
             log.info("weights on disk in %s (large model)", store.folder)
             model = store.adopt(model, Path(base_dir) if base_dir is not None else None)
-        with store.activated() if store is not None else contextlib.nullcontext():
-            try:
-                outcome = self._run(model, calibration, validation, data_source, store)
-            except CheckFailed as exc:
-                if exc.outcome is not None:
-                    exc.outcome.store = store
-                raise
-            except BaseException:
-                if store is not None:
-                    store.close()
-                raise
+        try:
+            outcome = self._run(model, calibration, validation, data_source, store)
+        except CheckFailed as exc:
+            if exc.outcome is not None:
+                exc.outcome.store = store
+            raise
+        except BaseException:
+            if store is not None:
+                store.close()
+            raise
         outcome.store = store
         return outcome
 
@@ -208,6 +206,7 @@ class PassManager:
             accepted_stats=ModelStats.of(model),
             previous=reference,
             class_scores=class_score_outputs(model),
+            store=store,
         )
         original_stats = state.accepted_stats
         records: list[StepRecord] = []
@@ -294,7 +293,7 @@ class PassManager:
         target = state.previous if step.pass_cls.lossless else state.reference
 
         def evaluate(graph: gs.Graph) -> Evaluation:
-            candidate = graph_utils.to_model(graph, accepted)
+            candidate = graph_utils.to_model(graph, accepted, state.store)
             try:
                 session = runtime.make_session(candidate)
                 outputs = runtime.run_samples(session, state.validation)
@@ -317,6 +316,7 @@ class PassManager:
             budget=budget,
             progress=self.progress,
             evaluator=evaluate,
+            store=state.store,
         )
         candidate = outputs = None
         try:
@@ -326,7 +326,7 @@ class PassManager:
             if not result.changed:
                 record.status, record.after = "no-op", record.before
                 return record, None, None
-            candidate = graph_utils.to_model(graph, accepted)
+            candidate = graph_utils.to_model(graph, accepted, state.store)
             del graph, ctx  # the pass's new weight arrays: not needed once exported
             # graphsurgeon graphs are reference cycles (nodes <-> tensors): without a
             # collection, the pass's graphs and the weights they cached stay alive
@@ -586,3 +586,4 @@ class _RunState:
     class_scores: frozenset[str] = frozenset()
     # onnxruntime's own optimizations vs the original, measured when first needed
     rounding: dict[str, OutputMetrics] | None = None
+    store: WeightStore | None = None  # a large model's run: its weights on disk

@@ -28,7 +28,6 @@ processes are removed by the next store created in the same place.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import itertools
 import os
 import shutil
@@ -64,10 +63,6 @@ DEFAULT_SPILL_BYTES = 32 * 2**20
 FOLDER_PREFIX = "onnxopt-run-"
 ALIGN = 4096  # page-aligned offsets: onnxruntime maps such data instead of reading it
 
-_ACTIVE: contextvars.ContextVar[WeightStore | None] = contextvars.ContextVar(
-    "onnxopt_active_store", default=None
-)
-
 
 def spill_threshold() -> int:
     """Tensor bytes from which a run keeps its weights on disk (``ONNXOPT_SPILL_BYTES``)."""
@@ -80,20 +75,13 @@ def spill_threshold() -> int:
         ) from None
 
 
-def active_store() -> WeightStore | None:
-    """The store of the run in progress in this context (``to_model`` spills into it)."""
-    return _ACTIVE.get()
-
-
 @contextlib.contextmanager
 def in_memory() -> Iterator[None]:
-    """Suspend the active store: ``to_model`` keeps weights in the proto (for code that
-    hands models to onnx tools needing every byte, e.g. training conversion)."""
-    token = _ACTIVE.set(None)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
+    """Models exported inside keep their weights in the proto (for code that hands
+    models to onnx tools needing every byte, e.g. training conversion). There is no
+    hidden store to suspend any more — ``to_model`` spills only into a store it is
+    given (``PassContext.store``) — so this only marks such code."""
+    yield
 
 
 class StoredValues(LazyValues):
@@ -135,14 +123,6 @@ class WeightStore:
     @property
     def closed(self) -> bool:
         return not self._finalizer.alive
-
-    @contextlib.contextmanager
-    def activated(self) -> Iterator[WeightStore]:
-        token = _ACTIVE.set(self)
-        try:
-            yield self
-        finally:
-            _ACTIVE.reset(token)
 
     def files(self) -> set[str]:
         return set(self._names)

@@ -46,7 +46,7 @@ def upgrade_graph(graph: gs.Graph, ctx: PassContext, target: int) -> int | None:
             "which onnx's version converter does not convert"
         )
     try:
-        convert_opset(graph, target, ctx.template, validate=True)
+        convert_opset(graph, target, ctx.template, validate=True, store=ctx.store)
     except ValueError as exc:
         raise PassCannotRun(f"cannot upgrade opset {old} -> {target}: {exc}") from None
     log.info("upgraded opset %d -> %d", old, target)
