@@ -312,3 +312,81 @@ def test_gather_table_in_cast_form_matches_the_dq_form():
     (a,), (b,) = run(cast, feeds), run(dq, feeds)
     np.testing.assert_array_equal(a["y"], b["y"])
     assert np.abs(a["y"] - table[[0, 7, 49, 3, 3]][None]).max() < 0.5
+
+
+# ---------------------------------------------------------------------------- fallback=auto
+
+
+def _outlier_chain(seed: int = 0) -> onnx.ModelProto:
+    """Three MatMuls; the middle weight has a large row in each block of 32 along K, on
+    an input feature that is nearly always zero. Its int4 blocks spend their 16 levels
+    on that row and round every other weight to a step larger than the weights
+    themselves (GPTQ cannot help: the scale is shared); int8 resolves them. The output
+    goes through a Tanh, so it is not class scores (no top-1 in the budget)."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((64, 64)) * 0.15).astype(np.float32)
+    w2 = (rng.standard_normal((64, 64)) * 0.15).astype(np.float32)
+    w3 = (rng.standard_normal((64, 16)) * 0.15).astype(np.float32)
+    quiet = [5, 40]  # one per block of 32 rows of w2
+    w1[:, quiet] *= 1e-3
+    w2[quiet] = 1.5 * np.sign(rng.standard_normal((2, 64)))
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["a"], name="first"),
+        helper.make_node("Tanh", ["a"], ["a_t"]),
+        helper.make_node("MatMul", ["a_t", "w2"], ["b"], name="outliers"),
+        helper.make_node("Tanh", ["b"], ["b_t"]),
+        helper.make_node("MatMul", ["b_t", "w3"], ["c"], name="last"),
+        helper.make_node("Tanh", ["c"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
+        [numpy_helper.from_array(v, k) for k, v in {"w1": w1, "w2": w2, "w3": w3}.items()],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture(scope="module")
+def chain_data(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("int4_chain") / "calib.npz"
+    x = np.random.default_rng(7).standard_normal((48, 4, 64)).astype(np.float32)
+    np.savez(path, x=x)
+    return str(path)
+
+
+def test_fallback_auto_moves_only_the_weight_that_needs_int8(chain_data):
+    model = _outlier_chain()
+    without = onnxopt.optimize(model, "quantize-int4(fallback=none)", data=chain_data)
+    step = without.steps[-1]
+    assert step["status"] == "rolled back"  # every weight in int4 misses cosine >= 0.99
+    result = onnxopt.optimize(model, "quantize-int4", data=chain_data)
+    step = result.steps[-1]
+    assert step["status"] == "accepted", step["reason"]
+    fallback = step["details"]["fallback"]
+    assert fallback["int8"] == ["outliers"]  # the noisiest by its own estimate, and enough
+    assert fallback["violations_before"] and not fallback["violations_after"]
+    noise = fallback["noise_db"]
+    assert noise["outliers"] < min(noise["first"], noise["last"]) - 6
+    assert step["details"]["by_bits"] == {"int4": 2, "int8": 1}
+    assert any("fallback=auto: 1 weight(s) int8" in note for note in step["notes"])
+    # the int8 weight: symmetric, one scale per output channel (axis 1 of MatMul's [K, N])
+    inits = {t.name: t for t in result.model.graph.initializer}
+    node = next(n for n in result.model.graph.node if n.name == "outliers")
+    dq = next(n for n in result.model.graph.node if n.output[0] == node.input[1])
+    assert inits[dq.input[0]].data_type == TensorProto.INT8
+    feeds = [{"x": x} for x in np.random.default_rng(9).standard_normal((8, 4, 64), np.float32)]
+    ref = run(model, feeds)
+    got = run(result.model, feeds)
+    a = np.concatenate([r["y"].ravel() for r in ref]).astype(np.float64)
+    b = np.concatenate([g["y"].ravel() for g in got]).astype(np.float64)
+    assert a @ b / np.sqrt((a @ a) * (b @ b)) >= 0.99
+    # the file stays int4-sized: one of three weights at 8 bits
+    assert step["counts"]["weight_size_ratio"] < 0.25
+
+
+def test_fallback_costs_one_measurement_when_int4_meets_the_budget(conv_data):
+    result = onnxopt.optimize(_conv_model(), "quantize-int4", data=conv_data)
+    step = result.steps[-1]
+    assert step["status"] == "accepted", step["reason"]
+    assert step["details"]["fallback"]["trials"] == [{"int8": 0, "violations": []}]
+    assert step["details"]["by_bits"] == {"int4": 2, "int8": 2}  # only the narrow kernels

@@ -36,6 +36,12 @@ covers the block's full range; ``auto`` (default): ``max`` when GPTQ rounds the 
 MatMul/Gemm/Conv weights with GPTQ error feedback (``gptq.py``) under those scales;
 Gather tables, ConvTranspose, 3-D convs and ``rounding=nearest`` round to nearest.
 
+Fallback (``fallback=auto``, default; ``int4_fallback``): when the result misses the
+step's budget (measured with ``ctx.evaluate``), the int4 weights whose rounding adds
+the most noise to their layer's output (``tr(dW H dW^T) / tr(W H W^T)``; Gather
+tables: rows weighted by how often calibration reads them) go to symmetric int8 with
+one scale per output channel, as few as the measurements allow.
+
 Output forms. ``format=`` chooses how MatMul and MatMul-like Gemm weights are written:
 
 - ``dq`` (default): standard ONNX ``DequantizeLinear`` with an INT4/UINT4 input,
@@ -74,7 +80,7 @@ are quantized once per node.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -85,8 +91,14 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt.errors import PassCannotRun
 from onnxopt.graph import to_graph, unique_name
-from onnxopt.passes.quantize import calibrate, gptq, numerics, upgrade
-from onnxopt.passes.quantize.int4_grid import Grid, Layout, choose_scales, round_nearest
+from onnxopt.passes.quantize import calibrate, gptq, int4_fallback, numerics, upgrade
+from onnxopt.passes.quantize.int4_grid import (
+    Grid,
+    Layout,
+    choose_scales,
+    dequantize_rows,
+    round_rows,
+)
 from onnxopt.pipeline import (
     Pass,
     PassContext,
@@ -97,7 +109,7 @@ from onnxopt.pipeline import (
     option,
     register_pass,
 )
-from onnxopt.weights import reduction_axes
+from onnxopt.weights import output_axis, reduction_axes
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +132,29 @@ class Target:
     layout: Layout
     grid: Grid
     matmulnbits: bool = False  # emitted as MatMulNBits (format=matmulnbits, MatMul-like)
+
+
+@dataclass
+class Levels:
+    """One weight's integers (weight layout), scale and zero point (DequantizeLinear
+    layout), and the same parameters per group of the rows view (``int4_grid``)."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray | None
+    scale_rows: np.ndarray
+    zero_rows: np.ndarray | None
+
+
+class Usage:
+    """How often each row of a Gather table is read over the calibration samples."""
+
+    def __init__(self, rows: int) -> None:
+        self.counts = np.zeros(rows, np.int64)
+
+    def update(self, indices: np.ndarray) -> None:
+        flat = np.asarray(indices).reshape(-1).astype(np.int64) % len(self.counts)
+        self.counts += np.bincount(flat, minlength=len(self.counts))
 
 
 @dataclass
@@ -164,6 +199,9 @@ class QuantizeInt4Pass(Pass):
         narrow: Literal["int8", "int4", "float"] = option(
             "int8", "convs with < 16 input channels per group (depthwise, stem): per channel"
         )
+        fallback: Literal["auto", "none"] = option(
+            "auto", "auto: the weights whose int4 error matters most go int8 until the budget holds"
+        )
         accuracy_level: int = option(
             0, "MatMulNBits accuracy_level (0: default; 4: int8 compute)", range=(0, 4)
         )
@@ -193,15 +231,16 @@ class QuantizeInt4Pass(Pass):
                 f"quantize-int4: opset {upgrade.default_opset(graph)} < 21 (blocked INT4 "
                 "DequantizeLinear needs 21); run upgrade-opset(target=21) first"
             )
-        hessians = self._hessians(graph, ctx, targets)
-        self._graph = graph
+        hessians, usage = self._statistics(graph, ctx, targets)
         self._names = set(graph.tensors())
-        counts = Counts()
-        for target in targets:
-            self._quantize(graph, target, hessians.get(target.node.name), counts)
-        if counts.matmulnbits:
-            _import_domain(graph, MS_DOMAIN, 1)
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        plan = [self._levels(t, hessians.get(t.node.name)) for t in targets]
+        details: dict = {}
+        if self.options.fallback == "auto" and _budget_active(ctx):
+            outcome = self._fallback(graph, ctx, targets, plan, hessians, usage)
+            targets, plan = outcome.targets, outcome.plan
+            notes += outcome.notes()
+            details["fallback"] = outcome.report()
+        counts = self._emit_all(graph, targets, plan)
         ratio = counts.bytes_after / counts.bytes_before if counts.bytes_before else 1.0
         result_counts = {
             "weights_quantized": counts.weights,
@@ -212,8 +251,64 @@ class QuantizeInt4Pass(Pass):
             "weight_size_ratio": round(ratio, 4),
             "gptq_weights": len(hessians),
         }
-        details = {"by_op": counts.by_op, "by_bits": counts.by_bits, "gptq_nodes": sorted(hessians)}
+        details.update(by_op=counts.by_op, by_bits=counts.by_bits, gptq_nodes=sorted(hessians))
         return PassResult(True, result_counts, details, notes)
+
+    def _emit_all(self, graph: gs.Graph, targets: list[Target], plan: list[Levels]) -> Counts:
+        self._graph = graph
+        counts = Counts()
+        for target, levels in zip(targets, plan):
+            self._quantize(graph, target, levels, counts)
+        if counts.matmulnbits:
+            _import_domain(graph, MS_DOMAIN, 1)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return counts
+
+    # -- fallback=auto
+
+    def _fallback(
+        self, graph: gs.Graph, ctx: PassContext, targets: list[Target], plan: list[Levels],
+        hessians: dict[str, gptq.Hessian], usage: dict[str, Usage],
+    ) -> int4_fallback.Outcome:  # fmt: skip
+        """Weights whose int4 error matters most go to int8 per channel until the step's
+        budget holds (``int4_fallback``); the candidates are measured with
+        ``ctx.evaluate`` on copies of the graph."""
+        eligible = [i for i, t in enumerate(targets) if t.grid.bits == 4]
+        alternatives: dict[int, tuple[Target, Levels]] = {}
+
+        def wider(i: int) -> tuple[Target, Levels]:
+            if i not in alternatives:
+                target = _int8_target(targets[i])
+                alternatives[i] = (target, self._levels(target, hessians.get(target.node.name)))
+            return alternatives[i]
+
+        def noise(i: int) -> float:
+            target = targets[i]
+            hessian = hessians.get(target.node.name)
+            return _noise(target, plan[i], hessian, usage.get(target.node.name))
+
+        def arrange(chosen: frozenset[int]) -> tuple[list[Target], list[Levels]]:
+            picked = [wider(i) if i in chosen else (t, lv)
+                      for i, (t, lv) in enumerate(zip(targets, plan))]  # fmt: skip
+            return [p[0] for p in picked], [p[1] for p in picked]
+
+        def evaluate(chosen: frozenset[int]):
+            copy = graph.copy()
+            position = {id(node): k for k, node in enumerate(graph.nodes)}
+            moved, levels = arrange(chosen)
+            moved = [replace(t, node=copy.nodes[position[id(t.node)]]) for t in moved]
+            names = set(self._names)
+            self._emit_all(copy, moved, levels)
+            self._names = names
+            return ctx.evaluate(copy)
+
+        names = [t.node.name or f"{t.node.op}#{i}" for i, t in enumerate(targets)]
+        sizes = {i: int(targets[i].node.inputs[targets[i].index].values.size) for i in eligible}
+        outcome = int4_fallback.choose(
+            eligible, evaluate, noise, ctx.budget, names, sizes, ctx.progress
+        )
+        outcome.targets, outcome.plan = arrange(outcome.chosen)
+        return outcome
 
     # -- selection
 
@@ -274,31 +369,36 @@ class QuantizeInt4Pass(Pass):
         # exact-size DequantizeLinear form is written instead (onnxruntime fuses it too)
         return self.options.format == "matmulnbits" and k % self.options.block_size == 0
 
-    def _hessians(
+    def _statistics(
         self, graph: gs.Graph, ctx: PassContext, targets: list[Target]
-    ) -> dict[str, gptq.Hessian]:
+    ) -> tuple[dict[str, gptq.Hessian], dict[str, Usage]]:
+        """GPTQ's ``H`` of each MatMul/Gemm/Conv input and how often each row of each
+        Gather table is read, in one calibration pass."""
         opts = self.options
         if not ctx.calibration or (opts.rounding != "gptq" and opts.weight_clip == "max"):
-            return {}
+            return {}, {}
         hessians: dict[str, gptq.Hessian] = {}
+        usage: dict[str, Usage] = {}
         observers: dict[str, list] = {}
         for target in targets:
             node = target.node
+            if node.op == "Gather" and len(node.inputs) > 1:
+                usage[node.name] = Usage(node.inputs[0].values.shape[0])
+                observers.setdefault(node.inputs[1].name, []).append(usage[node.name].update)
             if node.op in ("Gather", "ConvTranspose") or not gptq.Hessian.supports(node):
                 continue
             hessians[node.name] = gptq.Hessian(node, ctx.rng)
             observers.setdefault(node.inputs[0].name, []).append(hessians[node.name].update)
-        if observers:
+        if hessians:
             calibrate.collect(ctx, graph, [], observers, desc="int4: input statistics")
-        return {name: h for name, h in hessians.items() if h.rows}
+        hessians = {name: h for name, h in hessians.items() if h.rows}
+        return hessians, {name: u for name, u in usage.items() if u.counts.any()}
 
     # -- rewrite
 
-    def _quantize(
-        self, graph: gs.Graph, target: Target, hessian: gptq.Hessian | None, counts: Counts
-    ) -> None:
+    def _quantize(self, graph: gs.Graph, target: Target, levels: Levels, counts: Counts) -> None:
         node, weight = target.node, target.node.inputs[target.index]
-        q, scale, zero = self._levels(target, weight.values, hessian)
+        q, scale, zero = levels.q, levels.scale, levels.zero
         counts.weights += 1
         counts.by_op[node.op] = counts.by_op.get(node.op, 0) + 1
         key = f"int{target.grid.bits}"
@@ -313,10 +413,9 @@ class QuantizeInt4Pass(Pass):
             counts.cast += 1
             counts.bytes_after += self._emit_cast(target, weight, q, scale, zero)
 
-    def _levels(
-        self, target: Target, w: np.ndarray, hessian: gptq.Hessian | None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def _levels(self, target: Target, hessian: gptq.Hessian | None) -> Levels:
         """Levels (weight layout), scale and zero point (DequantizeLinear layout)."""
+        w = target.node.inputs[target.index].values
         layout, grid, opts = target.layout, target.grid, self.options
         importance = _importance(target.node, w, hessian) if hessian is not None else None
         rows = layout.rows(w)
@@ -324,16 +423,16 @@ class QuantizeInt4Pass(Pass):
         imp_rows = None if importance is None else layout.rows(importance)
         gptq_rounding = hessian is not None and opts.rounding == "gptq"
         search = opts.weight_clip == "mse" or (opts.weight_clip == "auto" and not gptq_rounding)
-        scale, zero = choose_scales(rows, block, grid, imp_rows, search=search)
-        s_full = layout.per_element(scale, w.shape)
-        z_full = None if zero is None else layout.per_element(zero, w.shape)
+        scale_rows, zero_rows = choose_scales(rows, block, grid, imp_rows, search=search)
         if gptq_rounding:
+            s_full = layout.per_element(scale_rows, w.shape)
+            z_full = None if zero_rows is None else layout.per_element(zero_rows, w.shape)
             q = _gptq_levels(target.node, w, hessian, s_full, z_full, grid)
         else:
-            q = round_nearest(w, s_full, z_full, grid)
-        scale = layout.params_from_rows(scale, w.shape)
-        zero = None if zero is None else layout.params_from_rows(zero, w.shape)
-        return q, scale, zero
+            q = layout.unrows(round_rows(rows, block, scale_rows, zero_rows, grid), w.shape)
+        scale = layout.params_from_rows(scale_rows, w.shape)
+        zero = None if zero_rows is None else layout.params_from_rows(zero_rows, w.shape)
+        return Levels(q, scale, zero, scale_rows, zero_rows)
 
     def _fresh(self, base: str) -> str:
         return unique_name(base, self._names)
@@ -463,6 +562,52 @@ def _importance(node: gs.Node, w: np.ndarray, hessian: gptq.Hessian) -> np.ndarr
     if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
         return np.broadcast_to(d[None, :], w.shape)
     return np.broadcast_to(d[:, None], w.shape)
+
+
+def _budget_active(ctx: PassContext) -> bool:
+    budget = ctx.budget
+    return ctx.evaluator is not None and bool(budget.criteria or budget.tolerance is not None)
+
+
+def _int8_target(target: Target) -> Target:
+    """The fallback of an int4 weight: symmetric int8, one scale per output channel."""
+    node = target.node
+    axis = output_axis(node, target.index, node.inputs[target.index].values.ndim)
+    if node.op == "ConvTranspose" and int(node.attrs.get("group", 1)) > 1:
+        axis = 0  # axis 1 holds O/g channels of every group
+    return Target(node, target.index, Layout(axis, None), Grid(8, True))
+
+
+def _noise(
+    target: Target, levels: Levels, hessian: gptq.Hessian | None, usage: Usage | None
+) -> float:
+    """Error energy the rounding adds to the layer's output, over the output's energy
+    (a noise-to-signal ratio): ``tr(dW H dW^T) / tr(W H W^T)`` with GPTQ's ``H``; for a
+    Gather table, rows weighted by how often the calibration samples read them; else
+    the weight's own relative error."""
+    node, layout = target.node, target.layout
+    w = node.inputs[target.index].values
+    rows = layout.rows(levels.q)
+    block = layout.block_rows(rows.shape[0])
+    deq = layout.unrows(dequantize_rows(rows, block, levels.scale_rows, levels.zero_rows), w.shape)
+    delta = w.astype(np.float64) - deq
+    if hessian is not None and hessian.blocks(0) is not None:
+        groups = hessian.groups
+        dw = np.stack(gptq.weight_matrices(node, delta, groups))
+        ww = np.stack(gptq.weight_matrices(node, w, groups))
+        spans = gptq.column_blocks(dw.shape[2])
+        error = signal = 0.0
+        for j, (a, b) in enumerate(spans):
+            h = np.stack([hessian.blocks(g)[j] for g in range(groups)]).astype(np.float64)
+            error += float(np.sum((dw[:, :, a:b] @ h) * dw[:, :, a:b]))
+            signal += float(np.sum((ww[:, :, a:b] @ h) * ww[:, :, a:b]))
+    elif usage is not None and node.op == "Gather":
+        weights = usage.counts.astype(np.float64)
+        error = float(weights @ np.sum(delta * delta, axis=1))
+        signal = float(weights @ np.sum(w.astype(np.float64) ** 2, axis=1))
+    else:
+        error, signal = float(np.sum(delta * delta)), float(np.sum(w.astype(np.float64) ** 2))
+    return error / signal if signal > 0 else 0.0
 
 
 def _gptq_levels(

@@ -35,7 +35,7 @@ import numpy as np
 
 MIN_SCALE = 1e-12
 RATIOS = tuple(np.round(np.linspace(1.0, 0.64, 10), 3))  # range kept, first = no clipping
-CHUNK_ELEMENTS = 1 << 21  # columns are searched in chunks of about this many elements
+CHUNK_ELEMENTS = 1 << 18  # columns are worked on in chunks of about this many elements
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,34 @@ def round_nearest(
     z = 0.0 if zero is None else zero.astype(np.float64)
     q = np.clip(np.rint(w.astype(np.float64) / scale.astype(np.float64)) + z, grid.qmin, grid.qmax)
     return q.astype(grid.carrier)
+
+
+def round_rows(
+    rows: np.ndarray, block: int, scale: np.ndarray, zero: np.ndarray | None, grid: Grid
+) -> np.ndarray:
+    """:func:`round_nearest` on a rows view ``[K, M]`` with per-group ``scale`` / ``zero``
+    ``[blocks, M]`` (the same numbers, without per-element copies of the parameters)."""
+    k, m = rows.shape
+    out = np.empty((k, m), grid.carrier)
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    for start in range(0, m, step):
+        cols = slice(start, min(start + step, m))
+        s = scale[:, cols].astype(np.float64)[:, None, :]
+        z = 0.0 if zero is None else zero[:, cols].astype(np.float64)[:, None, :]
+        w = _grouped(rows[:, cols], block).astype(np.float64)
+        q = np.clip(np.rint(w / s) + z, grid.qmin, grid.qmax)
+        out[:, cols] = q.reshape(-1, q.shape[2])[:k]
+    return out
+
+
+def dequantize_rows(
+    q: np.ndarray, block: int, scale: np.ndarray, zero: np.ndarray | None
+) -> np.ndarray:
+    """:func:`dequantize` on a rows view (see :func:`round_rows`)."""
+    k = q.shape[0]
+    z = 0.0 if zero is None else zero.astype(np.float64)[:, None, :]
+    grouped = (_grouped(q, block).astype(np.float64) - z) * scale.astype(np.float64)[:, None, :]
+    return grouped.astype(np.float32).reshape(-1, q.shape[1])[:k]
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
