@@ -28,6 +28,7 @@ one); make it once with
 Every quantization runs in a fresh process with one BLAS thread (``OMP_NUM_THREADS=1``).
 
     python tools/bench_int4.py                                   # everything
+    python tools/bench_int4.py --budget default --no-matmul      # as a user gets it
     python tools/bench_int4.py --models minilm,digits_transformer --no-whole
     python tools/bench_int4.py --keep /tmp/int4 --json int4.json
 """
@@ -115,17 +116,21 @@ def eval_feeds(spec: dict, limit: int) -> list[dict]:
 def child_onnxopt(spec: dict) -> dict:
     import onnxopt
 
+    budget = {} if spec.get("budget", "none") == "default" else {"budget": spec["budget"]}
     start = time.perf_counter()
-    result = onnxopt.optimize(spec["model"], spec["pipeline"], data=spec["calib"], budget="none")
+    result = onnxopt.optimize(spec["model"], spec["pipeline"], data=spec["calib"], **budget)
     result.save(spec["out"])
     wall = time.perf_counter() - start
     step = result.steps[-1]
+    details = step.get("details") or {}
     return {
         "wall": wall,
+        "budget": spec.get("budget", "none"),
         "status": step["status"],
         "reason": step.get("reason") or "; ".join(step.get("notes") or []),
         "metrics": step.get("metrics_vs_original") or {},
-        "by_bits": (step.get("details") or {}).get("by_bits"),
+        "by_bits": details.get("by_bits"),
+        "fallback_int8": len((details.get("fallback") or {}).get("int8") or []),
     }
 
 
@@ -142,8 +147,8 @@ def run_child(argv: list[str], timeout: float = TIMEOUT) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def onnxopt_cell(spec: dict, pipeline: str, out: Path) -> dict:
-    job = dict(spec, pipeline=pipeline, out=str(out))
+def onnxopt_cell(spec: dict, pipeline: str, out: Path, budget: str = "none") -> dict:
+    job = dict(spec, pipeline=pipeline, out=str(out), budget=budget)
     return run_child([sys.executable, __file__, "--child", json.dumps(job)])
 
 
@@ -224,9 +229,14 @@ def latencies(paths: dict[str, str], feed: dict, budget_s: float) -> dict[str, f
 
 
 def verdict(rec: dict) -> str:
-    """Would the default lossy budget (cosine>=0.99, top1>=0.99) have accepted the step?"""
+    """Would the default lossy budget (cosine>=0.99, top1>=0.99) have accepted the step?
+    (With ``--budget default`` the manager's own verdict, and how many weights
+    ``fallback=auto`` moved to int8.)"""
     if rec.get("status") != "accepted":
         return f"{rec.get('status')}: {rec.get('reason', '')[:90]}"
+    if rec.get("budget") == "default":
+        moved = rec.get("fallback_int8") or 0
+        return f"accepted (fallback: {moved} int8)" if moved else "accepted"
     metrics = rec.get("metrics") or {}
     worst_cos = min((m.get("cosine", 1.0) for m in metrics.values()), default=1.0)
     top1 = [m.get("top1") for m in metrics.values() if m.get("top1") is not None]
@@ -249,9 +259,9 @@ def _sqnrs(values) -> str:
 # ----------------------------------------------------------------------------- parent
 
 
-def whole_rows(name: str, spec: dict, folder: Path, latency_s: float) -> list[dict]:
+def whole_rows(name: str, spec: dict, folder: Path, latency_s: float, budget: str) -> list[dict]:
     out = folder / f"{name}.int4.onnx"
-    rec = onnxopt_cell(spec, WHOLE, out)
+    rec = onnxopt_cell(spec, WHOLE, out, budget)
     row = {"model": name, "kind": "whole", "tool": "onnxopt", **rec}
     if "error" not in rec:
         feeds = eval_feeds(spec, 32)
@@ -330,6 +340,13 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-python", default=os.environ.get("ONNXOPT_INT4_PEER_PYTHON"))
     ap.add_argument("--no-whole", action="store_true", help="skip the whole-model table")
     ap.add_argument("--no-matmul", action="store_true", help="skip the MatMul comparison")
+    ap.add_argument(
+        "--budget",
+        choices=("none", "default"),
+        default="none",
+        help="whole-model table: budget=none (what the pass does) or the default budget "
+        "(what a user gets, fallback=auto included)",
+    )
     ap.add_argument("--latency-seconds", type=float, default=20.0, help="per model group")
     ap.add_argument("--keep", help="keep the quantized models in this folder")
     ap.add_argument("--json", help="write the raw records here")
@@ -363,14 +380,14 @@ def main(argv=None) -> int:
     try:
         for name in names:
             if not args.no_whole:
-                whole += whole_rows(name, specs[name], folder, args.latency_seconds)
+                whole += whole_rows(name, specs[name], folder, args.latency_seconds, args.budget)
                 print_whole(whole[-1:])
             if not args.no_matmul:
                 rows = matmul_rows(name, specs[name], folder, peer_python, args.latency_seconds)
                 matmul += rows
                 if rows:
                     print_matmul(rows)
-        print(f"\nWhole model: `{WHOLE}` (budget=none), 1 thread latency, interleaved.")
+        print(f"\nWhole model: `{WHOLE}` (budget={args.budget}), 1 thread latency, interleaved.")
         print_whole(whole)
         print("\nMatMul weights only, same model, same block size:")
         print_matmul(matmul)
