@@ -19,7 +19,7 @@ import onnxopt.passes.quantize
 from onnxopt.check import LOSSY_BUDGET, compare_outputs
 from onnxopt.errors import UsageError
 from onnxopt.graph import to_graph
-from onnxopt.passes.quantize import calibrate, fallback, gptq, numerics, qdq
+from onnxopt.passes.quantize import calibrate, fallback, gptq, numerics, qdq, speed
 from onnxopt.passes.quantize.speed import runtime_ops
 from onnxopt.pipeline import PassContext, Pipeline
 
@@ -577,7 +577,6 @@ def test_speed_auto_keeps_float_what_the_profiler_finds_slower(monkeypatch):
     """Profiles are faked (timing must not decide a test): fc3 costs 9 us in int8 and
     2 us in fp32 (named like onnxruntime's fused float kernels), fc1/fc2 are cheaper in
     int8. fc3 must come back float, the others stay integer."""
-    from onnxopt.passes.quantize import speed
 
     def fake_profile(model, feed, runs=speed.PROFILE_RUNS):
         names = {n.name for n in model.graph.node}
@@ -588,7 +587,8 @@ def test_speed_auto_keeps_float_what_the_profiler_finds_slower(monkeypatch):
                 "/fc2/Gemm_token_3": ("FusedGemm", 5.0), "/fc3/Gemm": ("Gemm", 2.0)}  # fmt: skip
 
     monkeypatch.setattr(speed, "profile_nodes", fake_profile)
-    monkeypatch.setattr(speed, "latency_ratio", lambda ctx, a, b: {"ratio_1_thread": 0.8})
+    timings = iter([1.5, 0.8])  # slower as placed: profiled; faster once fc3 is float
+    monkeypatch.setattr(speed, "latency_ratio", lambda ctx, a, b: {"ratio_1_thread": next(timings)})
     result = quantize("digits_mlp", "speed=auto")
     step = result.steps[-1]
     assert step["status"] == "accepted"
@@ -600,8 +600,41 @@ def test_speed_auto_keeps_float_what_the_profiler_finds_slower(monkeypatch):
     assert step["counts"]["core_quantized"] == 2
 
 
+def test_speed_auto_profiles_nothing_when_int8_is_faster(monkeypatch):
+
+    def no_profile(model, feed, runs=0):
+        raise AssertionError("profiled although int8 was faster")
+
+    timings = []
+
+    def timing(ctx, a, b):
+        timings.append(1)
+        return {"ratio_1_thread": 0.7, "fp32_ms": 1.0, "int8_ms": 0.7}
+
+    monkeypatch.setattr(speed, "profile_nodes", no_profile)
+    monkeypatch.setattr(speed, "latency_ratio", timing)
+    step = quantize("digits_mlp", "speed=auto").steps[-1]
+    assert step["status"] == "accepted"
+    assert step["details"]["speed"]["profiled"] is False
+    assert step["counts"]["int8_fp32_latency"] == 0.7
+    assert len(timings) == 1  # the report reuses speed=auto's timing
+    # latency=false: no timing at all, hence no speed placement
+    step = quantize("digits_mlp", "speed=auto,latency=false").steps[-1]
+    assert "speed" not in step["details"] and len(timings) == 1
+
+
+def test_slow_reasons_name_what_onnxruntime_adds_to_the_int8_graph():
+    fp32 = {"Conv": 20, "ReorderInput": 3, "ReorderOutput": 3, "Transpose": 1, "Add": 2}
+    int8 = {"QLinearConv": 20, "Transpose": 23, "QuantizeLinear": 9, "DequantizeLinear": 9,
+            "HardSigmoid": 4, "Mul": 8, "Add": 2}  # fmt: skip
+    why = speed.slow_reasons(fp32, int8)
+    assert "20 integer kernel(s)" in why
+    assert "22 more layout Transpose(s)" in why
+    assert "18 Quantize/DequantizeLinear between them and 14 float op(s)" in why
+    assert "NCHWc" in why
+
+
 def test_speed_auto_leaves_the_model_float_when_int8_stays_slower(monkeypatch):
-    from onnxopt.passes.quantize import speed
 
     monkeypatch.setattr(speed, "profile_nodes", lambda model, feed, runs=0: {})
     monkeypatch.setattr(speed, "latency_ratio", lambda ctx, a, b: {"ratio_1_thread": 1.5})
@@ -609,6 +642,7 @@ def test_speed_auto_leaves_the_model_float_when_int8_stays_slower(monkeypatch):
     step = result.steps[-1]
     assert step["status"] == "no-op"
     assert any("1.50x fp32" in note and "left float" in note for note in step["notes"])
+    assert any("integer kernel(s)" in note for note in step["notes"])  # and why
 
 
 # ---------------------------------------------------------------------------- vs the tool
@@ -765,3 +799,23 @@ def test_lazy_ranking_finds_the_sensitive_nodes_with_few_measurements():
     noise["only"] = 1e-3
     single = fallback.Ranking(["only"], measure)
     assert single.top(3) == ["only"] and np.isfinite(single.alone["only"])
+
+
+def test_calibration_fetches_in_bounded_runs_with_the_same_statistics(monkeypatch):
+    """A run fetches at most FETCH_BYTES of activations: with a bound smaller than one
+    tensor, every tensor gets its own run over the samples, and the quantized model is
+    the same bytes (statistics do not depend on how tensors are grouped in runs)."""
+    pipeline = f"{FAST},rounding=nearest,fallback=none,equalize=false"
+    whole = quantize("digits_cnn", pipeline)
+    runs = []
+    original = calibrate.PassContext.activations
+
+    def counted(self, graph, names, desc="calibrating"):
+        runs.append(list(names))
+        return original(self, graph, names, desc)
+
+    monkeypatch.setattr(calibrate, "FETCH_BYTES", 1)
+    monkeypatch.setattr(calibrate.PassContext, "activations", counted)
+    split = quantize("digits_cnn", pipeline)
+    assert len(runs) > 3 and all(len(names) == 1 for names in runs)
+    assert split.model.SerializeToString() == whole.model.SerializeToString()

@@ -34,8 +34,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
+from onnxopt import runtime
 from onnxopt.passes.quantize.numerics import MIN_SCALE, ActivationType
 from onnxopt.pipeline import PassContext
 
@@ -141,6 +143,9 @@ def _initial_width(lo: float, hi: float) -> float:
 # ---------------------------------------------------------------------------- collect
 
 
+FETCH_BYTES = 64 << 20  # intermediate tensors fetched from one run of the model
+
+
 def collect(
     ctx: PassContext,
     graph: gs.Graph,
@@ -152,6 +157,9 @@ def collect(
 
     ``observers`` maps tensor names to callbacks that also see each sample's value
     (e.g. GPTQ's Hessians); their tensors are fetched even when not in ``names``.
+    One run of the model fetches at most ``FETCH_BYTES`` of tensors (see
+    :func:`fetch_chunks`): a large input (PP-OCRv4 det at 640x640) is calibrated in a
+    few passes over the samples instead of holding every activation of a sample at once.
     """
     observers = observers or {}
     stats = {name: TensorStats() for name in names}
@@ -167,14 +175,79 @@ def collect(
             for observe in observers.get(name, ()):
                 observe(value)
 
-    if computed:
-        stream = ctx.activations(graph, computed, desc=desc)
-        for feed, sample in zip(ctx.calibration, stream):
-            feed_sample({**{n: feed[n] for n in direct}, **sample})
-    else:
-        for feed in ctx.progress(ctx.calibration, desc=desc, total=len(ctx.calibration)):
-            feed_sample({n: feed[n] for n in direct})
+    chunks = fetch_chunks(ctx, graph, computed) if computed else [[]]
+    for index, chunk in enumerate(chunks):
+        head = direct if index == 0 else []  # graph inputs: with the first run
+        if chunk:
+            stream = ctx.activations(graph, chunk, desc=desc)
+            for feed, sample in zip(ctx.calibration, stream):
+                feed_sample({**{n: feed[n] for n in head}, **sample})
+        elif head:
+            for feed in ctx.progress(ctx.calibration, desc=desc, total=len(ctx.calibration)):
+                feed_sample({n: feed[n] for n in head})
     return stats
+
+
+def fetch_chunks(ctx: PassContext, graph: gs.Graph, names: Sequence[str]) -> list[list[str]]:
+    """``names`` split into runs that each fetch at most ``FETCH_BYTES``.
+
+    Sizes come from onnx shape inference at the first calibration sample's input
+    shapes; a tensor of unknown size counts as the largest known one. Without any
+    known size, one run fetches everything.
+    """
+    names = list(names)
+    if len(names) <= 1 or not ctx.calibration:
+        return [names]
+    sizes = tensor_bytes(ctx.to_model(graph), ctx.calibration[0], names)
+    if not sizes:
+        return [names]
+    largest = max(sizes.values())
+    chunks: list[list[str]] = [[]]
+    total = 0
+    for name in names:
+        size = sizes.get(name, largest)
+        if chunks[-1] and total + size > FETCH_BYTES:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(name)
+        total += size
+    return chunks
+
+
+def tensor_bytes(
+    model: onnx.ModelProto, feed: Mapping[str, np.ndarray], names: Sequence[str]
+) -> dict[str, int]:
+    """Bytes of the tensors ``names`` whose shapes onnx infers statically for ``feed``."""
+    view = runtime.typed_view(model)
+    if view is model:
+        view = onnx.ModelProto()
+        view.CopyFrom(model)
+    for graph_input in view.graph.input:
+        if graph_input.name not in feed:
+            continue
+        shape = np.shape(feed[graph_input.name])
+        dims = graph_input.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            continue
+        for dim, value in zip(dims, shape):
+            dim.Clear()
+            dim.dim_value = int(value)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(view)
+    except Exception as exc:  # sizes are an optimisation: one run fetches everything
+        log.debug("calibration: no static shapes (%s)", exc)
+        return {}
+    wanted = set(names)
+    sizes = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+        tensor = info.type.tensor_type
+        if info.name not in wanted or not tensor.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor.shape.dim]
+        if all(d > 0 for d in dims):
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
+            sizes[info.name] = int(np.prod(dims, dtype=np.int64)) * itemsize
+    return sizes
 
 
 # ---------------------------------------------------------------------------- methods

@@ -43,7 +43,7 @@ from onnxopt.pipeline import Evaluation, PassContext
 log = logging.getLogger(__name__)
 
 SENSITIVITY_SAMPLES = 16
-MIN_SENSITIVITY_SAMPLES = 8
+MIN_SENSITIVITY_SAMPLES = 4
 SENSITIVITY_VALUES = 1 << 19  # output values that make a sample count large enough
 
 

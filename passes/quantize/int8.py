@@ -24,10 +24,13 @@ MaxPool...). The placement rules are the table in ``qdq.py``.
   MatMul is measured alone (output SQNR on calibration samples) and the most
   sensitive ones return to float, fewest first, until the budget is met; the report
   lists them with their SQNR. ``fallback=none`` leaves the verdict to the manager.
-- ``speed=auto``: onnxruntime's profiler times each fused integer node against its
-  float original (plus the Q/DQ it adds); nodes that are slower in int8 stay float.
-  The report always carries the measured int8/fp32 latency (``latency=false`` skips
-  that measurement).
+- ``speed=auto`` (not the default: the placement would depend on timing, and a pass
+  must write the same bytes in every process): the int8 model is timed against fp32
+  (the report's latency figure); only when it is clearly slower does onnxruntime's
+  profiler time
+  each fused integer node against its float original (plus the Q/DQ it adds): nodes
+  slower in int8 stay float, and if the whole model is still slower it is left float
+  with the reason. ``latency=false`` skips every timing (and with it ``speed=auto``).
 - ``weights_only=true``: weight-only int8 (per-channel DequantizeLinear on
   Conv/ConvTranspose/Gemm/MatMul weights, activations and biases stay float); no
   calibration. onnxruntime turns DQ→MatMul into MatMulNBits(bits=8).
@@ -167,6 +170,7 @@ class Job:
         self.notes: list[str] = notes
         self.details: dict = {}
         self.skipped: list[Skipped] = []  # nodes the first placement left float, and why
+        self.timing: dict = {}  # latency_ratio() of the final graph, when already measured
 
     def build(self, float_nodes: frozenset[str]) -> Built:
         """The int8 graph with ``float_nodes`` (and the user's exclusions) kept float."""
@@ -193,6 +197,16 @@ class Job:
         )  # fmt: skip
         return Built(candidate, placement, rewriter.apply(placement))
 
+    def _why_slower(self, graph: gs.Graph) -> str:
+        try:
+            fp32_ops = speed.runtime_ops(self.ctx.to_model(self.float_graph))
+        except Exception as exc:  # reporting only
+            log.debug("could not read onnxruntime's fp32 graph: %s", exc)
+            return ""
+        int8_ops = self.details.get("onnxruntime_ops", {})
+        self.details["onnxruntime_ops_fp32"] = fp32_ops
+        return ": " + speed.slow_reasons(fp32_ops, int8_ops)
+
     def record(self, key: str, outcome) -> None:
         self.details[key] = outcome.report()
         self.notes += outcome.notes()
@@ -210,13 +224,17 @@ class Job:
         except Exception as exc:  # reporting only: the manager's checks decide
             log.debug("could not read onnxruntime's optimized graph: %s", exc)
         if self.options.latency:
-            timing = speed.latency_ratio(self.ctx, self.float_graph, graph)
+            # speed=auto timed exactly this graph already
+            timing = self.timing or speed.latency_ratio(self.ctx, self.float_graph, graph)
             self.details["latency"] = timing
             ratio = timing["ratio_1_thread"]
             counts["int8_fp32_latency"] = round(ratio, 3)
             if ratio > 1.0:
+                why = self._why_slower(graph)
                 hint = "" if self.options.speed == "auto" else "; speed=auto keeps slow nodes float"
-                self.notes.append(f"int8 model is {ratio:.2f}x the fp32 latency (1 thread){hint}")
+                self.notes.append(
+                    f"int8 model is {ratio:.2f}x the fp32 latency (1 thread){why}{hint}"
+                )
         return PassResult(True, counts, self.details, self.notes, skipped=self.skipped)
 
 
@@ -241,7 +259,9 @@ class QuantizeInt8Pass(Pass):
             "auto", "return the most sensitive nodes to float until the budget is met"
         )
         speed: Literal["none", "auto"] = option(
-            "none", "keep float the nodes that the profiler finds slower in int8"
+            "none",
+            "auto: when the int8 model times slower than fp32, keep float the nodes the "
+            "profiler finds slower in int8, or the whole model (needs latency=true)",
         )
         weights_only: bool = option(False, "int8 weights only (no activation quantization)")
         matmul_activations: bool = option(False, "also quantize activation x activation MatMul")
@@ -302,15 +322,16 @@ class QuantizeInt8Pass(Pass):
                 return job.unchanged()
             built = outcome.built
             float_nodes = frozenset(d["node"] for d in outcome.kept_float)
-        if opts.speed == "auto":
+        if opts.speed == "auto" and opts.latency and ctx.calibration:
             outcome = speed.speed_auto(job.build, built, ctx, job.float_graph, float_nodes)
             job.record("speed", outcome)
             built = outcome.built
             if not built.plan.core():
                 return job.unchanged(
                     "speed=auto: int8 is not faster than fp32 here (profiled per node, "
-                    f"whole model {outcome.ratio:.2f}x fp32); model left float"
+                    f"whole model {outcome.ratio:.2f}x fp32): {outcome.why}; model left float"
                 )
+            job.timing = outcome.timing
         replace_contents(graph, built.graph)
         return job.finish(graph, built)
 
