@@ -63,8 +63,8 @@ class DistillPass(Pass):
         epochs: int = option(10, "training epochs", range=(1, 100000))
         batch_size: int = option(32, "rows per training step", range=(1, 1 << 20))
         lr: float = option(1e-3, "peak AdamW learning rate", range=(1e-9, 10.0))
-        loss: Literal["auto", "kl", "mse"] = option(
-            "auto", "kl (softened softmax) or mse on outputs; auto: kl for [N, C] class scores"
+        loss: Literal["auto", "kl", "mse", "cosine"] = option(
+            "auto", "kl (softened softmax), mse (relative) or cosine; auto: kl for class scores"
         )
         temperature: float = option(2.0, "softmax temperature of loss=kl", range=(1e-3, 100.0))
         alpha: float | None = option(
@@ -81,13 +81,16 @@ class DistillPass(Pass):
         freeze: tuple[str, ...] = option(
             (), "tensor names (globs) kept frozen, e.g. those before an op without gradient"
         )
+        outputs: tuple[str, ...] = option(
+            (), "per-output settings NAME:loss=cosine;weight=0.5;temperature=1"
+        )
 
         def validate(self) -> None:
             if self.labels and not self.data:
                 raise ValueError("labels= needs data= (a .npz holding the labels)")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        from onnxopt.train.api import DistillOptions, distill
+        from onnxopt.train.api import DistillOptions, distill, parse_output_spec
 
         o = self.options
         student = ctx.to_model(graph)
@@ -103,6 +106,7 @@ class DistillPass(Pass):
             holdout=o.holdout,
             seed=ctx.seed,
             freeze=tuple(o.freeze),
+            outputs=dict(parse_output_spec(spec) for spec in o.outputs),
         )
         result = distill(
             ctx.original,

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 
 from onnxopt import runtime
+from onnxopt.check import class_score_outputs
 from onnxopt.data import Feed, input_specs, load_samples
 from onnxopt.errors import DataError, ModelError, UsageError
 from onnxopt.model import LoadedModel, load_model, save_model
@@ -42,7 +43,8 @@ from onnxopt.train import client, convert, env
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("auto", "kl", "mse")
+LOSSES = ("auto", "kl", "mse", "cosine")
+OUTPUT_KEYS = ("loss", "weight", "temperature")
 SCHEDULES = ("cosine", "constant")
 CHECK_TOLERANCE = (1e-4, 1e-3)  # training-graph kernels vs inference kernels
 
@@ -54,8 +56,9 @@ class DistillOptions:
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
-    # auto: kl when every output is class scores ([N, C], C > 1), else mse
-    loss: Literal["auto", "kl", "mse"] = "auto"
+    # per output; auto: kl for class scores of a classifier head ([N, C]) and for
+    # per-timestep probabilities ([N, T, C], CTC), else mse relative to the teacher's power
+    loss: Literal["auto", "kl", "mse", "cosine"] = "auto"
     temperature: float = 2.0
     alpha: float | None = None
     weight_decay: float = 0.0
@@ -65,6 +68,8 @@ class DistillOptions:
     seed: int = 0
     threads: int = 0
     freeze: tuple[str, ...] = ()  # glob patterns of tensor names kept frozen
+    # per-output settings: {"name": {"loss": "cosine", "weight": 0.5, "temperature": 1}}
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self, has_labels: bool) -> None:
         checks = [
@@ -80,6 +85,8 @@ class DistillOptions:
             (self.seed >= 0, f"seed must be >= 0, not {self.seed}"),
             (self.threads >= 0, f"threads must be >= 0, not {self.threads}"),
         ]
+        for name, settings in self.outputs.items():
+            checks.extend(_output_checks(name, settings))
         if self.alpha is not None:
             checks.append((0 <= self.alpha <= 1, f"alpha must be in [0, 1], not {self.alpha}"))
             checks.append(
@@ -96,6 +103,40 @@ class DistillOptions:
         if self.alpha is not None:
             return float(self.alpha)
         return 0.5 if has_labels else 0.0
+
+
+def _output_checks(name: str, settings: Mapping[str, Any]) -> list[tuple[bool, str]]:
+    unknown = sorted(set(settings) - set(OUTPUT_KEYS))
+    loss = settings.get("loss", "auto")
+    weight, temperature = settings.get("weight", 1.0), settings.get("temperature", 1.0)
+    return [
+        (not unknown, f"output {name!r}: unknown setting(s) {unknown}; valid: {OUTPUT_KEYS}"),
+        (loss in LOSSES, f"output {name!r}: loss must be one of {', '.join(LOSSES)}"),
+        (isinstance(weight, (int, float)) and weight >= 0, f"output {name!r}: weight must be >= 0"),
+        (isinstance(temperature, (int, float)) and temperature > 0, f"output {name!r}: "
+         "temperature must be > 0"),
+    ]  # fmt: skip
+
+
+def parse_output_spec(text: str) -> tuple[str, dict[str, Any]]:
+    """``"NAME:loss=cosine;weight=0.5;temperature=1"`` (``,`` works too) -> (name, settings)."""
+    name, sep, rest = text.rpartition(":") if "=" in text else (text, "", "")
+    if not sep or not name:
+        raise UsageError(
+            f"distill: output setting {text!r} is not NAME:key=value[;key=value] "
+            f"(keys: {', '.join(OUTPUT_KEYS)})"
+        )
+    settings: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in rest.replace(",", ";").split(";"))):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise UsageError(f"distill: output setting {part!r} of {name!r} is not key=value")
+        try:
+            settings[key.strip()] = value.strip() if key.strip() == "loss" else float(value)
+        except ValueError:
+            message = f"distill: {key}={value!r} of output {name!r} is not a number"
+            raise UsageError(message) from None
+    return name, settings
 
 
 @dataclass
@@ -183,7 +224,8 @@ def distill(
     samples, label_array = _read_data(student_model.proto, data, labels)
     options.validate(label_array is not None)
     adjunct = env.find_python(python)
-    targets = _pair_targets(teacher_model.proto, student_model.proto)
+    targets = _weighted(_pair_targets(teacher_model.proto, student_model.proto), options)
+    heads = class_score_outputs(teacher_model.proto)
     layout = _layout(student_model.proto)
     copy = convert.prepare(
         student_model.proto,
@@ -199,7 +241,9 @@ def distill(
     labels_out = _check_labels(label_array, rows, teachers[0]) if label_array is not None else None
     job = client.Job(
         student=copy.model,
-        options=_job_options(options, copy, targets, teachers, layout, labels_out is not None),
+        options=_job_options(
+            options, copy, targets, teachers, layout, labels_out is not None, heads
+        ),
         inputs=inputs,
         teachers=teachers,
         labels=labels_out,
@@ -212,6 +256,7 @@ def distill(
     notes = [*copy.notes, *(f"training edit: {k} x{v}" for k, v in copy.edits.items())]
     settings = {**asdict(options), "alpha": options.resolved_alpha(labels_out is not None)}
     settings["worker"] = result.worker
+    settings["targets"] = job.options["targets"]  # loss, weight, temperature per output
     return DistillResult(
         model=model,
         params=result.params,
@@ -313,6 +358,20 @@ def _pair_targets(teacher: onnx.ModelProto, student: onnx.ModelProto) -> list[tu
     )
 
 
+def _weighted(targets: list[tuple[str, str]], options: DistillOptions) -> list[tuple[str, str]]:
+    """The paired outputs whose weight is not 0 (``outputs={name: {"weight": 0}}``)."""
+    unknown = set(options.outputs) - {student for student, _ in targets}
+    if unknown:
+        raise UsageError(
+            f"distill: settings for output(s) {', '.join(sorted(unknown))}, which are not "
+            f"distilled; the distilled outputs: {', '.join(s for s, _ in targets)}"
+        )
+    kept = [t for t in targets if options.outputs.get(t[0], {}).get("weight", 1.0) != 0]
+    if not kept:
+        raise UsageError("distill: every distilled output has weight 0")
+    return kept
+
+
 def _teacher_outputs(teacher, samples, targets, layout) -> list[np.ndarray]:
     session = runtime.make_session(teacher)
     wanted = {i.name for i in session.get_inputs()}
@@ -356,26 +415,69 @@ def _check_labels(labels: np.ndarray, rows: int, first_teacher: np.ndarray) -> n
     return labels.astype(np.int64)
 
 
-def resolve_loss(loss: str, teachers: Sequence[np.ndarray]) -> str:
-    """``auto`` -> ``kl`` when every teacher output is class scores [rows, C>1], else ``mse``."""
+def is_probabilities(teacher: np.ndarray) -> bool:
+    """Non-negative rows summing to 1 over the last axis (a softmax already applied)."""
+    if teacher.ndim < 1 or teacher.shape[-1] < 2 or teacher.size == 0 or teacher.min() < 0:
+        return False
+    return bool(np.all(np.abs(teacher.sum(axis=-1, dtype=np.float64) - 1) < 1e-3))
+
+
+def resolve_loss(loss: str, teacher: np.ndarray, rank: int, class_head: bool) -> str:
+    """The loss of one output (``rank``: the output's own rank, without a sample axis).
+
+    ``auto`` -> ``kl`` for class scores of a classifier head ([N, C], C > 1) and for
+    per-timestep probabilities ([N, T, C], a CTC head), else ``mse`` (relative to the
+    teacher's power, so outputs of any scale weigh alike: a VAD's probability and its
+    recurrent state, a detection map).
+    """
     if loss != "auto":
         return loss
-    scores = all(t.ndim == 2 and t.shape[-1] > 1 for t in teachers)
-    return "kl" if scores else "mse"
+    classes = teacher.shape[-1] if teacher.ndim else 1
+    if classes > 1 and class_head and rank == 2:
+        return "kl"
+    if classes > 1 and rank == 3 and is_probabilities(teacher):
+        return "kl"
+    return "mse"
 
 
-def _job_options(options, copy, targets, teachers, layout, has_labels) -> dict[str, Any]:
-    loss = resolve_loss(options.loss, teachers)
-    if loss == "kl" and any(t.ndim < 2 or t.shape[-1] < 2 for t in teachers):
-        raise UsageError(
-            "distill: loss=kl needs class-score outputs (last axis >= 2); use loss=mse"
+def _target_specs(options, targets, teachers, layout, class_heads) -> list[dict[str, Any]]:
+    specs = []
+    for (student, teacher_name), teacher in zip(targets, teachers):
+        settings = options.outputs.get(student, {})
+        rank = teacher.ndim - (1 if layout == "samples" else 0)
+        loss = resolve_loss(
+            settings.get("loss", options.loss), teacher, rank, teacher_name in class_heads
         )
+        classes = int(teacher.shape[-1]) if teacher.ndim else 1
+        if loss in ("kl", "cosine") and classes < 2:
+            raise UsageError(
+                f"distill: loss={loss} on output {student!r} needs a last axis >= 2 "
+                f"(it has shape {list(teacher.shape[1:])}); use loss=mse"
+            )
+        power = float(np.mean(np.square(teacher, dtype=np.float64))) if teacher.size else 0.0
+        specs.append(
+            {
+                "name": student,
+                "classes": classes,
+                "loss": loss,
+                "weight": float(settings.get("weight", 1.0)),
+                "temperature": float(settings.get("temperature", options.temperature)),
+                "probabilities": loss == "kl" and is_probabilities(teacher),
+                "scale": 1.0 / power if power > 0 else 1.0,  # mse relative to the teacher
+            }
+        )
+    return specs
+
+
+def _job_options(options, copy, targets, teachers, layout, has_labels, heads) -> dict[str, Any]:
+    specs = _target_specs(options, targets, teachers, layout, heads)
+    losses = sorted({spec["loss"] for spec in specs})
     return {
         "epochs": options.epochs,
         "batch_size": options.batch_size,
         "lr": options.lr,
         "weight_decay": options.weight_decay,
-        "loss": loss,
+        "loss": losses[0] if len(losses) == 1 else "mixed",
         "temperature": options.temperature,
         "alpha": options.resolved_alpha(has_labels),
         "schedule": options.schedule,
@@ -385,10 +487,7 @@ def _job_options(options, copy, targets, teachers, layout, has_labels) -> dict[s
         "threads": options.threads,
         "batch_mode": layout,
         "inputs": [s.name for s in input_specs(copy.base)],
-        "targets": [
-            {"name": student, "classes": int(t.shape[-1]) if t.ndim else 1}
-            for (student, _), t in zip(targets, teachers)
-        ],
+        "targets": specs,
         "trainable": copy.trainable,
     }
 

@@ -59,9 +59,19 @@ def add_subcommands(subparsers, common_parents: list[argparse.ArgumentParser]) -
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     p.add_argument(
         "--loss",
-        choices=["auto", "kl", "mse"],
+        choices=["auto", "kl", "mse", "cosine"],
         default="auto",
-        help="kl: softened class scores; mse: outputs; auto: kl for [N, C] scores, else mse",
+        help="kl: softened class scores (per timestep for [N, T, C]); mse: relative to the "
+        "teacher's power; cosine: along the last axis; auto: kl for classifier scores and "
+        "CTC probabilities, else mse",
+    )
+    p.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[;...]",
+        help="loss, weight, temperature of one distilled output (repeatable), e.g. "
+        "--target stateN:weight=0.5 --target emb:loss=cosine; weight=0 leaves it out",
     )
     p.add_argument("--temperature", type=float, default=2.0, help="KL softening (loss=kl)")
     p.add_argument(
@@ -145,7 +155,7 @@ def _versions(versions: dict) -> str:
 
 
 def cmd_distill(args) -> int:
-    from onnxopt.train.api import DistillOptions, distill
+    from onnxopt.train.api import DistillOptions, distill, parse_output_spec
 
     output = Path(args.output)
     for source in (args.teacher, args.student):
@@ -167,6 +177,7 @@ def cmd_distill(args) -> int:
         seed=args.seed,
         threads=args.threads,
         freeze=tuple(args.freeze),
+        outputs=dict(parse_output_spec(spec) for spec in args.target),
     )
     result = distill(
         args.teacher,
@@ -195,8 +206,9 @@ def cmd_distill(args) -> int:
 
 
 def format_history(history: list[dict], best_epoch: int) -> str:
-    """Per-epoch table: train loss, held-out loss, agreement with the teacher, accuracy."""
-    columns = ("epoch", "train_loss", "heldout_loss", "agreement", "accuracy")
+    """Per-epoch table: train loss, held-out loss, agreement with the teacher, accuracy,
+    the worst held-out SQNR over the distilled outputs."""
+    columns = ("epoch", "train_loss", "heldout_loss", "agreement", "accuracy", "worst_sqnr_db")
     rows = [list(columns)]
     step = -(-len(history) // MAX_ROWS)  # ceil: at most about MAX_ROWS rows
     last = history[-1]["epoch"] if history else 0
@@ -211,6 +223,8 @@ def format_history(history: list[dict], best_epoch: int) -> str:
                 row.append("-")
             elif key in ("agreement", "accuracy"):
                 row.append(f"{100 * value:.2f}%")
+            elif key == "worst_sqnr_db":
+                row.append(f"{value:.1f} dB")
             else:
                 row.append(f"{value:.4g}")
         rows.append(row)

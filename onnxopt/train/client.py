@@ -293,7 +293,7 @@ class _ProgressBar:
         if event.get("event") != "epoch":
             return
         shown = {}
-        for key in ("train_loss", "heldout_loss", "agreement", "accuracy"):
+        for key in ("train_loss", "heldout_loss", "agreement", "accuracy", "worst_sqnr_db"):
             if event.get(key) is not None:
                 shown[key] = f"{event[key]:.4g}"
         self.bar.set_postfix(shown)

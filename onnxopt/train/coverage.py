@@ -68,6 +68,10 @@ def _conditional_reason(node: gs.Node) -> str | None:
     """Why a node of a GRADIENT_OPS op still has no gradient, if it has none."""
     if node.op == "Pad" and node.attrs.get("mode", "constant") not in ("constant", b"constant"):
         return f"its gradient supports mode=constant only, not {node.attrs['mode']!r}"
+    if node.op == "AveragePool":
+        shape = node.inputs[0].shape
+        if not shape or not isinstance(shape[0], int):
+            return "its CPU gradient divides by zero (SIGFPE) when the batch is symbolic"
     steps = node.inputs[4] if node.op == "Slice" and len(node.inputs) > 4 else None
     if isinstance(steps, gs.Constant) and np.any(np.asarray(steps.values) < 0):
         return "its gradient fails for negative steps"

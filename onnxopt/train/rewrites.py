@@ -19,6 +19,9 @@ Sum, Mean (variadic)   a chain of Add (times 1/n for Mean)
 Resize                 nearest, constant integer scales, a coordinate mode where
                        that means repeating each element:
                        ``Reshape(Expand(Unsqueeze(x)), Shape(x) * scales)``
+AveragePool            no ceil_mode or dilations, pads only with count_include_pad:
+                       a depthwise Conv with constant 1/(kh*kw) weights (its own
+                       gradient crashes with a symbolic batch; PP-OCR rec)
 ConvTranspose          2-D, kernel == stride, no padding or dilation, group 1 (the
                        usual learned x2 upsampling): ``MatMul`` on the channels
                        and a pixel-shuffle of Reshape / Transpose
@@ -267,6 +270,38 @@ def _resize(graph, node, apply):
     repeated = b.op("Expand", [unsqueezed, b.ints(expand)])
     shape = b.op("Mul", [b.op("Shape", [x], dtype=np.int64), b.ints(factors)], dtype=np.int64)
     b.op("Reshape", [repeated, shape], out=node.outputs[0])
+    b.replace(node)
+    return None
+
+
+@training_rewrite("AveragePool")
+def _average_pool(graph, node, apply):
+    x = node.inputs[0]
+    kernel = [int(k) for k in node.attrs.get("kernel_shape", [])]
+    pads = list(node.attrs.get("pads", [0] * 2 * len(kernel)) or [0])
+    checks = [
+        (x.shape is not None and len(x.shape) >= 3, "the input rank is unknown"),
+        (x.shape is not None and isinstance(x.shape[1], int), "the channel count is unknown"),
+        (not node.attrs.get("ceil_mode", 0), "ceil_mode=1"),
+        (set(node.attrs.get("dilations", [1])) <= {1}, "dilations"),
+        (not any(pads) or node.attrs.get("count_include_pad", 0), "pads without count_include_pad"),
+        (_text(node.attrs.get("auto_pad", "NOTSET")) in ("NOTSET", "VALID"), "auto_pad"),
+    ]
+    for ok, reason in checks:
+        if not ok:
+            return reason
+    if not apply:
+        return None
+    b = _Builder(graph, node)
+    channels = int(x.shape[1])
+    weight = np.full((channels, 1, *kernel), 1.0 / float(np.prod(kernel)), np.float32)
+    attrs = {
+        "kernel_shape": kernel,
+        "strides": list(node.attrs.get("strides", [1] * len(kernel))),
+        "pads": pads if any(pads) else [0] * 2 * len(kernel),
+        "group": channels,
+    }
+    b.op("Conv", [x, b.const(weight)], out=node.outputs[0], **attrs)
     b.replace(node)
     return None
 

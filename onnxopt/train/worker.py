@@ -20,8 +20,10 @@ Anything else the libraries print goes to stderr. Results go to ``out/``:
 best epoch) and ``check.npz`` (outputs of the best weights on a few samples, for the
 client to prove the restored model computes the same).
 
-Training: ``generate_artifacts`` with a custom onnxblock loss — ``mse`` on outputs or
-``kl`` (KL divergence of temperature-softened softmaxes, times T^2) — plus, when
+Training: ``generate_artifacts`` with a custom onnxblock loss — per target, weighted:
+``mse`` relative to the teacher's power, ``cosine`` (1 - cosine along the last axis) or
+``kl`` (KL divergence of temperature-softened softmaxes, times T^2, per row and per
+timestep; on probability outputs on log(p)) — plus, when
 labels are given, ``alpha`` x cross-entropy on the first target (the distillation
 term gets ``1 - alpha``); AdamW, cosine or constant learning rate; seeded shuffling;
 the held-out split picks the best epoch (held-out accuracy when labels are given,
@@ -176,17 +178,25 @@ def build_loss_block(options, student):
     from onnxruntime.training import onnxblock
 
     class DistillLoss(onnxblock.Block):
-        """(1 - alpha) * sum over targets of mse / kl(T) + alpha * cross-entropy."""
+        """(1 - alpha) * sum over targets of weight x term + alpha * cross-entropy."""
 
         def build(self, *graph_outputs):
             graph = self.base.graph
             terms = []
             for k, target in enumerate(options["targets"]):
                 teacher = add_input_like(graph, target["name"], f"onnxopt_teacher_{k}")
-                if options["loss"] == "mse":
-                    terms.append(mse_term(graph, target["name"], teacher))
+                kind = target.get("loss", options["loss"])
+                if kind == "mse":
+                    term = mse_term(graph, target["name"], teacher, target.get("scale", 1.0))
+                elif kind == "cosine":
+                    term = cosine_term(graph, target["name"], teacher)
                 else:
-                    terms.append(kl_term(graph, target, teacher, options["temperature"]))
+                    temperature = target.get("temperature", options["temperature"])
+                    term = kl_term(graph, target, teacher, temperature)
+                weight = float(target.get("weight", 1.0))
+                if weight != 1.0:
+                    term = node(graph, "Mul", [term, scalar(graph, weight)])
+                terms.append(term)
             total = terms[0]
             for term in terms[1:]:
                 total = node(graph, "Add", [total, term])
@@ -213,16 +223,55 @@ def build_loss_block(options, student):
     return DistillLoss()
 
 
-def mse_term(graph, output, teacher):
+def mse_term(graph, output, teacher, scale=1.0):
+    """mean((s - t)^2) x scale; the client sets scale = 1 / mean(t^2) (relative error)."""
     diff = node(graph, "Sub", [output, teacher])
-    return node(graph, "ReduceMean", [node(graph, "Mul", [diff, diff])], keepdims=0)
+    mean = node(graph, "ReduceMean", [node(graph, "Mul", [diff, diff])], keepdims=0)
+    return mean if scale == 1.0 else node(graph, "Mul", [mean, scalar(graph, scale)])
+
+
+def cosine_term(graph, output, teacher):
+    """1 - mean cosine similarity of s and t along the last axis (embeddings)."""
+    import onnx
+
+    axes = fresh("axes")
+    graph.initializer.append(onnx.helper.make_tensor(axes, onnx.TensorProto.INT64, [1], [-1]))
+
+    def total(a, b):
+        return node(graph, "ReduceSum", [node(graph, "Mul", [a, b]), axes], keepdims=0)
+
+    eps = scalar(graph, 1e-12)
+    norms = node(
+        graph,
+        "Mul",
+        [
+            node(graph, "Sqrt", [node(graph, "Add", [total(output, output), eps])]),
+            node(graph, "Sqrt", [node(graph, "Add", [total(teacher, teacher), eps])]),
+        ],
+    )
+    cosine = node(graph, "Div", [total(output, teacher), norms])
+    return node(graph, "Sub", [scalar(graph, 1.0), node(graph, "ReduceMean", [cosine], keepdims=0)])
+
+
+def log_probabilities(graph, probabilities):
+    """log(p) of outputs that are probabilities already (a softmax inside the model)."""
+    clipped = node(graph, "Clip", [probabilities, scalar(graph, 1e-8), scalar(graph, 1.0)])
+    return node(graph, "Log", [clipped])
 
 
 def kl_term(graph, target, teacher, temperature):
-    """KL(teacher_T || student_T) summed over the last axis, averaged elsewhere, x T^2."""
+    """KL(teacher_T || student_T) summed over the last axis, averaged elsewhere, x T^2.
+
+    On probability outputs (a softmax inside the model: PP-OCR cls, rec's per-timestep
+    CTC probabilities) the logits are log(p), so softening by T stays meaningful.
+    """
     t = scalar(graph, temperature)
-    log_student = node(graph, "LogSoftmax", [node(graph, "Div", [target["name"], t])], axis=-1)
-    soft_teacher = node(graph, "Div", [teacher, t])
+    student, teacher_logits = target["name"], teacher
+    if target.get("probabilities"):
+        student = log_probabilities(graph, student)
+        teacher_logits = log_probabilities(graph, teacher)
+    log_student = node(graph, "LogSoftmax", [node(graph, "Div", [student, t])], axis=-1)
+    soft_teacher = node(graph, "Div", [teacher_logits, t])
     log_teacher = node(graph, "LogSoftmax", [soft_teacher], axis=-1)
     prob_teacher = node(graph, "Softmax", [soft_teacher], axis=-1)
     pointwise = node(graph, "Mul", [prob_teacher, node(graph, "Sub", [log_teacher, log_student])])
@@ -421,21 +470,28 @@ class Trainer:
         np = self.np
         record = {"epoch": epoch, "params": self.snapshot()}
         held = self.split["heldout"]
+        record.update(heldout_loss=None, agreement=None, accuracy=None)
+        record.update(sqnr_db=None, worst_sqnr_db=None)
         if not len(held):
-            record.update(heldout_loss=None, agreement=None, accuracy=None)
             return record
         loss, outputs = self.predict(held)
-        first = [o[0] for o in outputs]
-        student = np.concatenate(first) if not self.per_sample else np.stack(first)
-        teacher = self.data["teachers"][0][held]
         record["heldout_loss"] = loss
-        record["agreement"] = None
-        record["accuracy"] = None
-        if student.ndim >= 2 and student.shape[-1] > 1:
-            guess = np.argmax(student, -1)
-            record["agreement"] = float(np.mean(guess == np.argmax(teacher, -1)))
-            if self.data["labels"] is not None:
-                record["accuracy"] = float(np.mean(guess == self.data["labels"][held]))
+        join = np.stack if self.per_sample else np.concatenate
+        sqnr = {}
+        for k, target in enumerate(self.options["targets"]):
+            student = join([o[k] for o in outputs])
+            teacher = self.data["teachers"][k][held]
+            sqnr[target["name"]] = sqnr_db(np, student, teacher)
+            scores = target.get("loss", self.options["loss"]) == "kl"
+            scores = scores or (k == 0 and teacher.ndim == (3 if self.per_sample else 2))
+            if record["agreement"] is None and scores and student.shape[-1] > 1:
+                guess = np.argmax(student, -1)
+                record["agreement"] = float(np.mean(guess == np.argmax(teacher, -1)))
+                labels = self.data["labels"]
+                if k == 0 and labels is not None and guess.ndim == labels[held].ndim:
+                    record["accuracy"] = float(np.mean(guess == labels[held]))
+        record["sqnr_db"] = sqnr
+        record["worst_sqnr_db"] = min(sqnr.values())
         return record
 
     def score(self, record):
@@ -458,6 +514,15 @@ class Trainer:
     def load(self, params):
         for name, value in params.items():
             self.state.parameters[name] = value
+
+
+def sqnr_db(np, student, teacher):
+    """10 log10(power of the teacher / power of the difference), capped at 200 dB."""
+    signal = float(np.sum(np.square(teacher, dtype=np.float64)))
+    noise = float(np.sum(np.square(student.astype(np.float64) - teacher)))
+    if noise <= signal * 1e-20:
+        return 200.0
+    return round(10.0 * math.log10(max(signal, 1e-30) / noise), 3)
 
 
 def public(record):
