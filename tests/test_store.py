@@ -312,3 +312,29 @@ def test_inspect_reads_large_external_weights_lazily(tmp_path, monkeypatch):
     assert lazy["weights"] == eager["weights"] and len(lazy["weights"]) >= 8
     assert lazy["params"] == eager["params"] == 12778
     assert lazy["compressed_bytes"] is None
+
+
+def test_to_model_leaves_its_graph_alone_and_spills_only_into_the_given_store(tmp_path):
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.graph import to_graph, to_model
+
+    model = onnx.load(str(model_path("digits_mlp")))
+    graph = to_graph(model)
+    weight = graph.tensors()["fc1.weight"]
+    assert isinstance(weight, gs.Constant)
+    weight.values = weight.values * 2  # a new array: a store-backed export writes it out
+    kept = weight._values
+    in_memory = to_model(graph, model)  # no store given: nothing goes to disk
+    assert not has_stored(in_memory)
+    store = WeightStore(tmp_path)
+    try:
+        light = to_model(graph, model, store)
+        assert stored_path(next(t for t in light.graph.initializer if t.name == "fc1.weight"))
+        assert weight._values is kept  # the caller's graph still holds its array
+        np.testing.assert_array_equal(
+            numpy_helper.to_array(inline_stored(light).graph.initializer[0]),
+            numpy_helper.to_array(in_memory.graph.initializer[0]),
+        )
+    finally:
+        store.close()
