@@ -32,10 +32,11 @@ from __future__ import annotations
 import html
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from onnxopt.files import write_atomic
 
 STYLES = ("primary", "muted", "failed", "reference")
 LINES = (None, "step", "straight")
@@ -490,27 +491,8 @@ def write_page(document: str, path: str | os.PathLike) -> Path:
 
 
 def write_text(document: str, path: str | os.PathLike) -> Path:
-    """Write a text file atomically, with the mode a plain ``open`` would give it
-    (0666 less the umask: a temporary file would otherwise keep 0600)."""
-    target = Path(path)
-    with tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}.", delete=False
-    ) as handle:
-        handle.write(document)
-        temporary = Path(handle.name)
-    try:
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Write a text file atomically (``onnxopt.files.write_atomic``)."""
+    return write_atomic(path, document)
 
 
 def _esc(text: str) -> str:

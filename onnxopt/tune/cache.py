@@ -15,11 +15,11 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from onnxopt import __version__
+from onnxopt.files import write_atomic
 from onnxopt.tune.trial import Settings, model_files
 
 
@@ -73,24 +73,6 @@ class TrialCache:
             paths = [path]
         for item in paths:
             item.unlink(missing_ok=True)
-
-
-def write_atomic(path: Path, payload: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(payload)
-        temporary = Path(f.name)
-    try:
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def link_or_copy(source: Path, target: Path) -> None:
