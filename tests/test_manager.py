@@ -434,3 +434,53 @@ def test_declared_opset_runs_upgrade_as_a_checked_step_of_its_own():
     assert again.steps[0]["prerequisites"] == []  # satisfied: nothing to run
     first, second = NeedsOpset13Pass.seen
     assert first == second and first[0] == 13
+
+
+class EvaluatesThenMaybeEdits(NoisePass):
+    """Adds noise, measures the result with ctx.evaluate, then (``edit``) adds more."""
+
+    name = "test-evaluate-final"
+
+    @dataclass
+    class Options:
+        scale: float = option(0.001, "relative noise")
+        edit: bool = option(False, "change the graph after the evaluation")
+
+    def run(self, graph, ctx):
+        result = super().run(graph, ctx)
+        SEEN.append(ctx.evaluate(graph))
+        if self.options.edit:
+            super().run(graph, ctx)
+        return result
+
+
+def test_the_check_reuses_the_pass_evaluation_of_the_same_model(monkeypatch):
+    """A pass that returns the model it last evaluated is not run again in onnxruntime
+    (same bytes, same samples, same session options): the metrics are the same."""
+    from onnxopt import runtime
+
+    builds = []
+    real = runtime.make_session
+
+    def counting(model, **kw):
+        builds.append(kw.get("optimize", False))
+        return real(model, **kw)
+
+    monkeypatch.setattr(runtime, "make_session", counting)
+    register_pass(EvaluatesThenMaybeEdits)
+    try:
+        same = onnxopt.optimize(MLP, "test-evaluate-final")
+        plain_builds = len(builds)
+        builds.clear()
+        edited = onnxopt.optimize(MLP, "test-evaluate-final(edit=true)")
+    finally:
+        unregister_pass(EvaluatesThenMaybeEdits.name)
+    # reference + the pass's evaluation; the check reused it (float result: no deployed run)
+    assert plain_builds == 2
+    assert len(builds) == 3  # the edited graph is a new model: checked in its own session
+    step = same.steps[0]
+    assert step["status"] == "accepted"
+    assert SEEN[-2].metrics["logits"].cosine == step["metrics_vs_original"]["logits"]["cosine"]
+    # the check measured the edited model (more noise), not the evaluated one
+    edited_cosine = edited.steps[0]["metrics_vs_original"]["logits"]["cosine"]
+    assert edited_cosine < SEEN[-1].metrics["logits"].cosine
