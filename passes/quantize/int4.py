@@ -80,18 +80,19 @@ are quantized once per node.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import TensorProto, helper
+from onnx import TensorProto
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt.errors import PassCannotRun
-from onnxopt.graph import to_graph, unique_name
-from onnxopt.passes.quantize import calibrate, gptq, int4_fallback, numerics, upgrade
+from onnxopt.graph import to_graph
+from onnxopt.passes.quantize import calibrate, gptq, int4_fallback, upgrade
+from onnxopt.passes.quantize.int4_emit import Counts, Emitter, gemm_is_matmul
 from onnxopt.passes.quantize.int4_grid import (
     Grid,
     Layout,
@@ -116,7 +117,6 @@ log = logging.getLogger(__name__)
 TARGET_OPS = ("MatMul", "Gemm", "Gather", "Conv", "ConvTranspose")
 CONV_OPS = ("Conv", "ConvTranspose")
 NARROW_CHANNELS = 16  # fewer input channels per group: one scale per output channel
-MS_DOMAIN = "com.microsoft"
 QUANTIZED_OPS = {
     "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits",
     "QGemm", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
@@ -155,17 +155,6 @@ class Usage:
     def update(self, indices: np.ndarray) -> None:
         flat = np.asarray(indices).reshape(-1).astype(np.int64) % len(self.counts)
         self.counts += np.bincount(flat, minlength=len(self.counts))
-
-
-@dataclass
-class Counts:
-    weights: int = 0
-    matmulnbits: int = 0
-    cast: int = 0
-    bytes_before: int = 0
-    bytes_after: int = 0
-    by_op: dict[str, int] = field(default_factory=dict)
-    by_bits: dict[str, int] = field(default_factory=dict)
 
 
 @register_pass
@@ -255,14 +244,12 @@ class QuantizeInt4Pass(Pass):
         return PassResult(True, result_counts, details, notes)
 
     def _emit_all(self, graph: gs.Graph, targets: list[Target], plan: list[Levels]) -> Counts:
-        self._graph = graph
-        counts = Counts()
+        """Write every target's levels into ``graph`` (``int4_emit``), names fresh among
+        the tensors the pass started from."""
+        emitter = Emitter(graph, set(self._names), self.options)
         for target, levels in zip(targets, plan):
-            self._quantize(graph, target, levels, counts)
-        if counts.matmulnbits:
-            _import_domain(graph, MS_DOMAIN, 1)
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return counts
+            emitter.quantize(target, levels)
+        return emitter.finish()
 
     # -- fallback=auto
 
@@ -297,9 +284,7 @@ class QuantizeInt4Pass(Pass):
             position = {id(node): k for k, node in enumerate(graph.nodes)}
             moved, levels = arrange(chosen)
             moved = [replace(t, node=copy.nodes[position[id(t.node)]]) for t in moved]
-            names = set(self._names)
             self._emit_all(copy, moved, levels)
-            self._names = names
             return ctx.evaluate(copy)
 
         names = [t.node.name or f"{t.node.op}#{i}" for i, t in enumerate(targets)]
@@ -340,7 +325,7 @@ class QuantizeInt4Pass(Pass):
             return None
         if node.op == "Gemm":
             (axis,) = reduction_axes(node, 1, 2)  # blocks run along K
-            nbits = self._nbits(weight.values.shape[0]) and _gemm_is_matmul(node)
+            nbits = self._nbits(weight.values.shape[0]) and gemm_is_matmul(node)
             return Target(node, 1, Layout(axis, opts.block_size), int4, matmulnbits=nbits)
         nbits = self._nbits(weight.values.shape[0])
         (axis,) = reduction_axes(node, 1, 2)
@@ -396,23 +381,6 @@ class QuantizeInt4Pass(Pass):
 
     # -- rewrite
 
-    def _quantize(self, graph: gs.Graph, target: Target, levels: Levels, counts: Counts) -> None:
-        node, weight = target.node, target.node.inputs[target.index]
-        q, scale, zero = levels.q, levels.scale, levels.zero
-        counts.weights += 1
-        counts.by_op[node.op] = counts.by_op.get(node.op, 0) + 1
-        key = f"int{target.grid.bits}"
-        counts.by_bits[key] = counts.by_bits.get(key, 0) + 1
-        counts.bytes_before += weight.values.nbytes
-        if target.matmulnbits:
-            counts.matmulnbits += 1
-            counts.bytes_after += self._emit_matmulnbits(graph, target, q, scale, zero)
-        elif self.options.unfused == "dq" or not _cast_form_fits(target, weight.values.shape):
-            counts.bytes_after += self._emit_dq(target, weight, q, scale, zero)
-        else:
-            counts.cast += 1
-            counts.bytes_after += self._emit_cast(target, weight, q, scale, zero)
-
     def _levels(self, target: Target, hessian: gptq.Hessian | None) -> Levels:
         """Levels (weight layout), scale and zero point (DequantizeLinear layout)."""
         w = target.node.inputs[target.index].values
@@ -433,117 +401,6 @@ class QuantizeInt4Pass(Pass):
         scale = layout.params_from_rows(scale_rows, w.shape)
         zero = None if zero_rows is None else layout.params_from_rows(zero_rows, w.shape)
         return Levels(q, scale, zero, scale_rows, zero_rows)
-
-    def _fresh(self, base: str) -> str:
-        return unique_name(base, self._names)
-
-    def _emit_dq(
-        self, target: Target, weight: gs.Constant, q: np.ndarray, scale: np.ndarray,
-        zero: np.ndarray | None,
-    ) -> int:  # fmt: skip
-        bits = target.grid.bits
-        tag = f"int{bits}"
-        values = self._integers(f"{weight.name}_{tag}", target.grid, q)
-        scale_t = gs.Constant(self._fresh(f"{weight.name}_scale"), scale.astype(np.float32))
-        inputs = [values, scale_t]
-        size = _nbytes(values) + scale.astype(np.float32).nbytes
-        if zero is not None:
-            inputs.append(self._integers(f"{weight.name}_zero_point", target.grid, zero))
-            size += _nbytes(inputs[-1])
-        out = gs.Variable(self._fresh(f"{weight.name}_dequantized"), np.float32, list(q.shape))
-        attrs = {"axis": target.layout.axis}
-        if target.layout.block is not None:
-            attrs["block_size"] = target.layout.block
-        dq = gs.Node("DequantizeLinear", self._fresh(f"{weight.name}_DequantizeLinear"), attrs,
-                     inputs=inputs, outputs=[out])  # fmt: skip
-        target.node.inputs[target.index] = out
-        self._graph.nodes.append(dq)
-        return size
-
-    def _emit_cast(
-        self, target: Target, weight: gs.Constant, q: np.ndarray, scale: np.ndarray,
-        zero: np.ndarray | None,
-    ) -> int:  # fmt: skip
-        """``Reshape((Cast(q) - Cast(zero)) * scale)``: constants only, so onnxruntime folds
-        it into a float32 weight when the session loads (fp32 speed, small file)."""
-        layout, name = target.layout, weight.name
-        q, scale, zero, merged = _broadcast_form(q, scale, zero, layout)
-        values = self._integers(f"{name}_q", target.grid, q)
-        size = _nbytes(values) + scale.astype(np.float32).nbytes
-        x = self._node("Cast", [values], f"{name}_f", to=TensorProto.FLOAT)
-        if zero is not None:
-            zero_t = self._integers(f"{name}_zp", target.grid, zero)
-            size += _nbytes(zero_t)
-            zero_f = self._node("Cast", [zero_t], f"{name}_zpf", to=TensorProto.FLOAT)
-            x = self._node("Sub", [x, zero_f], f"{name}_c")
-        scale_t = gs.Constant(self._fresh(f"{name}_s"), scale.astype(np.float32))
-        x = self._node("Mul", [x, scale_t], f"{name}_w")
-        if merged is not None:
-            target_shape = gs.Constant(self._fresh(f"{name}_shape"), np.array(merged))
-            x = self._node("Reshape", [x, target_shape], f"{name}_r")
-        target.node.inputs[target.index] = x
-        return size
-
-    def _node(self, op: str, inputs: list, out: str, **attrs) -> gs.Variable:
-        """One unnamed node, its output undeclared: names and value_info cost file bytes
-        (on PP-OCR cls, 10 % of the quantized file)."""
-        tensor = gs.Variable(self._fresh(out))
-        node = gs.Node(op, "", attrs, inputs=inputs, outputs=[tensor])
-        self._graph.nodes.append(node)
-        return tensor
-
-    def _integers(self, base: str, grid: Grid, values: np.ndarray) -> gs.Constant:
-        name = self._fresh(base)
-        if grid.bits == 8:
-            return gs.Constant(name, values.astype(grid.carrier))
-        dtype = TensorProto.INT4 if grid.symmetric else TensorProto.UINT4
-        packed = numerics.pack_int4(values)
-        proto = helper.make_tensor(name, dtype, list(values.shape), packed, True)
-        return gs.Constant(name, LazyValues(proto))
-
-    def _emit_matmulnbits(
-        self, graph: gs.Graph, target: Target, q: np.ndarray, scale: np.ndarray,
-        zero: np.ndarray | None,
-    ) -> int:  # fmt: skip
-        node, opts = target.node, self.options
-        k, n = q.shape
-        bs = opts.block_size
-        blocks = -(-k // bs)
-        stored = q.astype(np.int16) + (8 if opts.symmetric else 0)  # uint4 carrier
-        padded = np.full((blocks * bs, n), 8 if opts.symmetric else 0, np.int16)
-        padded[:k] = stored
-        if zero is not None:  # padding rows dequantize to 0 with their block's zero point
-            padded[k:] = np.repeat(zero, bs, axis=0)[k:]
-        columns = padded.T.reshape(n, blocks, bs)
-        packed = (columns[..., 0::2] | (columns[..., 1::2] << 4)).astype(np.uint8)
-        base = node.inputs[1].name
-        inputs = [
-            node.inputs[0],
-            gs.Constant(self._fresh(f"{base}_nbits"), packed),
-            gs.Constant(self._fresh(f"{base}_scales"), scale.T.reshape(-1).astype(np.float32)),
-        ]
-        size = packed.nbytes + scale.astype(np.float32).nbytes
-        if zero is not None:
-            zeros = zero.T.astype(np.uint8)  # [n, blocks] -> two per byte along blocks
-            if blocks % 2:
-                zeros = np.concatenate([zeros, np.zeros((n, 1), np.uint8)], axis=1)
-            packed_zero = (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8)
-            inputs.append(gs.Constant(self._fresh(f"{base}_zero_points"), packed_zero))
-            size += packed_zero.nbytes
-        if node.op == "Gemm" and len(node.inputs) > 2 and not node.inputs[2].is_empty():
-            while len(inputs) < 5:
-                inputs.append(gs.Variable.empty())
-            inputs.append(node.inputs[2])  # bias
-        attrs = {"K": k, "N": n, "bits": 4, "block_size": bs}
-        if opts.accuracy_level:
-            attrs["accuracy_level"] = opts.accuracy_level
-        outputs = list(node.outputs)
-        node.outputs.clear()
-        node.inputs.clear()
-        replacement = gs.Node("MatMulNBits", node.name, attrs, inputs=inputs, outputs=outputs,
-                              domain=MS_DOMAIN)  # fmt: skip
-        graph.nodes.append(replacement)
-        return size
 
 
 def _importance(node: gs.Node, w: np.ndarray, hessian: gptq.Hessian) -> np.ndarray | None:
@@ -631,26 +488,6 @@ def _gptq_levels(
     return gptq.from_matrices(node, result, w.shape).astype(grid.carrier)
 
 
-def _broadcast_form(
-    q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, layout: Layout
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[int] | None]:
-    """Levels, scale and zero point shaped to broadcast elementwise, and the shape to
-    reshape their product to (None: already the weight's). A blocked axis of ``C``
-    elements splits into ``[C / block, block]`` (conv blocks tile ``C`` exactly)."""
-    axis = layout.axis
-    if layout.block is None:  # 1-D per-channel parameters
-        shape = [1] * q.ndim
-        shape[axis] = -1
-        return q, scale.reshape(shape), None if zero is None else zero.reshape(shape), None
-    blocks = q.shape[axis] // layout.block
-    if blocks == 1:  # the scale already broadcasts along the axis
-        return q, scale, zero, None
-    split = [*q.shape[:axis], blocks, layout.block, *q.shape[axis + 1 :]]
-    scale = np.expand_dims(scale, axis + 1)
-    zero = None if zero is None else np.expand_dims(zero, axis + 1)
-    return q.reshape(split), scale, zero, list(q.shape)
-
-
 def conv_block(channels: int, block: int) -> int:
     """Block of a convolution's input channels: ``block``, or when it does not divide
     ``channels`` the largest divisor of ``channels`` from ``block / 2`` to ``block``
@@ -661,15 +498,6 @@ def conv_block(channels: int, block: int) -> int:
         if channels % size == 0:
             return size
     return block
-
-
-def _cast_form_fits(target: Target, shape: tuple[int, ...]) -> bool:
-    """Cast form for weights onnxruntime cannot fuse with a DequantizeLinear (it fuses
-    DQ -> MatMul and MatMul-like Gemm into MatMulNBits) whose blocks tile the axis."""
-    node, layout = target.node, target.layout
-    if node.op == "MatMul" or (node.op == "Gemm" and _gemm_is_matmul(node)):
-        return False
-    return layout.block is None or shape[layout.axis] % layout.block == 0
 
 
 def _nothing_to_do(graph: gs.Graph) -> str:
@@ -689,33 +517,3 @@ def _casts_integer_constant(node: gs.Node) -> bool:
     if isinstance(values, LazyValues):
         return values.tensor.data_type in LOW_BIT_TYPES
     return np.dtype(values.dtype) in (np.int8, np.uint8)
-
-
-def _nbytes(constant: gs.Constant) -> int:
-    values = constant._values
-    if isinstance(values, LazyValues):
-        return len(values.tensor.raw_data)
-    return int(values.nbytes)
-
-
-def _gemm_is_matmul(node: gs.Node) -> bool:
-    attrs = node.attrs
-    if int(attrs.get("transA", 0)) or int(attrs.get("transB", 0)):
-        return False
-    if float(attrs.get("alpha", 1.0)) != 1.0:
-        return False
-    if len(node.inputs) > 2 and not node.inputs[2].is_empty():
-        bias = node.inputs[2]
-        n = node.inputs[1].values.shape[1]
-        if float(attrs.get("beta", 1.0)) != 1.0 or not isinstance(bias, gs.Constant):
-            return False
-        if bias.values.shape != (n,):
-            return False
-    return True
-
-
-def _import_domain(graph: gs.Graph, domain: str, version: int) -> None:
-    domains = list(graph.import_domains or [helper.make_opsetid("", int(graph.opset))])
-    if not any(d.domain == domain for d in domains):
-        domains.append(helper.make_opsetid(domain, version))
-    graph.import_domains = domains
