@@ -1,7 +1,8 @@
 """What a pass may use while it runs: ``PassContext`` (calibration samples, a seeded
 RNG, progress, the model template, ``evaluate`` to measure a candidate exactly as the
-manager will, ``activations`` for intermediate tensors) and ``matches_any`` for the
-glob options (``exclude=``, ``ops=``)."""
+manager will, ``activations`` for intermediate tensors), ``matches_any`` for the
+glob options (``exclude=``, ``ops=``) and ``node_filter`` / ``check_op_types`` for the
+``op_types=`` / ``exclude=`` pair the quantizers share."""
 
 from __future__ import annotations
 
@@ -81,3 +82,25 @@ class PassContext:
 def matches_any(name: str, patterns: Iterable[str]) -> bool:
     """Glob match used by ``exclude=`` / ``ops=`` style options."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def node_filter(node: gs.Node, op_types: Iterable[str], exclude: Iterable[str]) -> str | None:
+    """Why a pass's ``op_types=`` / ``exclude=`` options leave ``node`` alone (its op is
+    not one of ``op_types`` when any are given; its name matches an ``exclude`` glob),
+    or None when they allow it."""
+    op_types = tuple(op_types)
+    if op_types and node.op not in op_types:
+        return f"op type not in op_types={list(op_types)}"
+    if matches_any(node.name, exclude):
+        return "matches exclude="
+    return None
+
+
+def check_op_types(op_types: Iterable[str], valid: Sequence[str]) -> None:
+    """``ValueError`` naming the entries of an ``op_types=`` option that are not in
+    ``valid`` (for an ``Options.validate``)."""
+    unknown = [op for op in op_types if op not in valid]
+    if unknown:
+        raise ValueError(
+            f"op_types: unknown op type(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
+        )

@@ -10,14 +10,15 @@ pass or a caller writes ``from onnxopt.pipeline import Pass, PassContext, ...``:
 - ``results.py``: ``PassResult``, ``Skipped`` (what a pass returns);
 - ``pipeline_text.py``: ``Pipeline`` / ``Step`` (pipeline text, printed back
   canonically) and ``load_pipeline_file`` (the TOML form);
-- ``context.py``: ``PassContext`` (what a pass may use), ``matches_any``;
+- ``context.py``: ``PassContext`` (what a pass may use), ``matches_any``, ``node_filter``
+  and ``check_op_types`` (the ``op_types=`` / ``exclude=`` options);
 - ``manager.py``: ``PassManager`` (run, check, accept or roll back every step),
   ``RunOutcome``, ``StepRecord``, ``ModelStats``.
 """
 
 from __future__ import annotations
 
-from onnxopt.context import Evaluation, PassContext, matches_any
+from onnxopt.context import Evaluation, PassContext, check_op_types, matches_any, node_filter
 from onnxopt.manager import (
     ModelStats,
     PassManager,
@@ -54,6 +55,7 @@ __all__ = [
     "Skipped",
     "Step",
     "StepRecord",
+    "check_op_types",
     "coerce",
     "default_opset",
     "format_value",
@@ -63,6 +65,7 @@ __all__ = [
     "make_options",
     "matches_any",
     "needs_store",
+    "node_filter",
     "option",
     "option_fields",
     "original_outputs",

@@ -105,8 +105,9 @@ from onnxopt.pipeline import (
     PassContext,
     PassResult,
     Requirement,
+    check_op_types,
     default_opset,
-    matches_any,
+    node_filter,
     option,
     register_pass,
 )
@@ -196,11 +197,7 @@ class QuantizeInt4Pass(Pass):
         )
 
         def validate(self) -> None:
-            unknown = [op for op in self.op_types if op not in TARGET_OPS]
-            if unknown:
-                raise ValueError(
-                    f"op_types: {', '.join(unknown)} not supported; valid: {', '.join(TARGET_OPS)}"
-                )
+            check_op_types(self.op_types, TARGET_OPS)
 
     def requires(self, model: onnx.ModelProto) -> Requirement | None:
         """Opset 21 when a weight takes the DequantizeLinear form (a checked step)."""
@@ -304,7 +301,7 @@ class QuantizeInt4Pass(Pass):
         opts = self.options
         if node.op not in TARGET_OPS or node.domain not in ("", "ai.onnx", None):
             return None
-        if (opts.op_types and node.op not in opts.op_types) or matches_any(node.name, opts.exclude):
+        if node_filter(node, opts.op_types, opts.exclude):
             return None
         index = 0 if node.op == "Gather" else 1
         if index >= len(node.inputs):

@@ -72,7 +72,9 @@ from onnxopt.pipeline import (
     PassContext,
     PassResult,
     Requirement,
+    check_op_types,
     default_opset,
+    node_filter,
     option,
     register_pass,
 )
@@ -285,12 +287,7 @@ class QuantizeInt8Pass(Pass):
         latency: bool = option(True, "measure int8/fp32 latency for the report")
 
         def validate(self) -> None:
-            unknown = [op for op in self.op_types if op not in qdq.QDQ_RULES]
-            if unknown:
-                raise ValueError(
-                    f"op_types: unknown op type(s) {', '.join(unknown)}; "
-                    f"valid: {', '.join(sorted(qdq.QDQ_RULES))}"
-                )
+            check_op_types(self.op_types, sorted(qdq.QDQ_RULES))
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opts = self.options
@@ -383,10 +380,7 @@ class QuantizeInt8Pass(Pass):
         return PassResult(True, counts, notes=notes)
 
     def _allowed(self, node: gs.Node) -> bool:
-        opts = self.options
-        if opts.op_types and node.op not in opts.op_types:
-            return False
-        return not qdq.matches_any(node.name, opts.exclude)
+        return node_filter(node, self.options.op_types, self.options.exclude) is None
 
 
 def _weight_only_axis(node: gs.Node) -> int | None:

@@ -46,7 +46,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.graph import replace_uses, unique_name
 from onnxopt.passes.quantize import numerics
 from onnxopt.passes.quantize.numerics import ActivationType, QuantParams
-from onnxopt.pipeline import matches_any
+from onnxopt.pipeline import node_filter
 from onnxopt.results import Skipped
 from onnxopt.weights import output_axis
 
@@ -282,10 +282,9 @@ class Selection:
     huge: Mapping[str, str] = field(default_factory=dict)  # node -> huge-range tensor it touches
 
     def allows(self, node: gs.Node) -> str | None:
-        if self.op_types and node.op not in self.op_types:
-            return f"op type not in op_types={list(self.op_types)}"
-        if matches_any(node.name, self.exclude):
-            return "matches exclude="
+        reason = node_filter(node, self.op_types, self.exclude)
+        if reason:
+            return reason
         if node.name in self.huge:
             return (
                 f"tensor {self.huge[node.name]!r} reaches |x| >= {HUGE_RANGE:.0e} (a mask or "
