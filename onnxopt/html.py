@@ -148,6 +148,16 @@ def scatter(
     return f'<figure style="width:{width}px">' + "".join(parts) + cap + "</figure>"
 
 
+def _tick(line: tuple, at: tuple, anchor: str, label: str) -> list[str]:
+    """A grid line across the plot and the tick label at its end (coordinates as
+    they are written: numbers or already formatted text)."""
+    x1, y1, x2, y2 = line
+    return [
+        f'<line class="grid" x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}"/>',
+        f'<text x="{at[0]}" y="{at[1]}" text-anchor="{anchor}">{_esc(label)}</text>',
+    ]
+
+
 def _draw_order(style: str) -> int:
     return {"failed": 0, "muted": 1, "reference": 2, "primary": 3}[style]
 
@@ -183,19 +193,12 @@ class _Plot:
         y0, y1 = self.height - self.bottom, self.top
         out = []
         for value in _ticks(self.x_range, self.x.log):
-            px = self.px(value)
-            out.append(f'<line class="grid" x1="{px:.1f}" y1="{y0}" x2="{px:.1f}" y2="{y1}"/>')
-            out.append(
-                f'<text x="{px:.1f}" y="{y0 + 14}" text-anchor="middle">'
-                f"{_esc(self.x.fmt(value))}</text>"
-            )
+            px = f"{self.px(value):.1f}"
+            out += _tick((px, y0, px, y1), (px, y0 + 14), "middle", self.x.fmt(value))
         for value in _ticks(self.y_range, self.y.log):
             py = self.py(value)
-            out.append(f'<line class="grid" x1="{x0}" y1="{py:.1f}" x2="{x1}" y2="{py:.1f}"/>')
-            out.append(
-                f'<text x="{x0 - 6}" y="{py + 4:.1f}" text-anchor="end">'
-                f"{_esc(self.y.fmt(value))}</text>"
-            )
+            line = (x0, f"{py:.1f}", x1, f"{py:.1f}")
+            out += _tick(line, (x0 - 6, f"{py + 4:.1f}"), "end", self.y.fmt(value))
         out.append(f'<line class="axis" x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}"/>')
         out.append(f'<line class="axis" x1="{x0}" y1="{y0}" x2="{x0}" y2="{y1}"/>')
         out.append(

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -199,3 +200,22 @@ def iter_activations(
     for sample in samples:
         feed = {k: v for k, v in sample.items() if k in wanted}
         yield dict(zip(names, session.run(list(names), feed)))
+
+
+T = TypeVar("T")
+
+
+def split_within(items: Iterable[T], size: Callable[[T], int], budget: int) -> list[list[T]]:
+    """``items`` in order, cut into consecutive runs whose ``size`` adds up to at most
+    ``budget`` bytes (an item larger than ``budget`` makes a run of its own); how
+    passes bound the memory one calibration run fetches or holds."""
+    runs: list[list[T]] = []
+    held = 0
+    for item in items:
+        nbytes = size(item)
+        if not runs or held + nbytes > budget:
+            runs.append([])
+            held = 0
+        runs[-1].append(item)
+        held += nbytes
+    return runs

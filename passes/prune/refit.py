@@ -109,16 +109,8 @@ def plan(target: WeightTarget, order: int) -> Plan | str:
 def stages(plans: list[Plan], *, diagonal: bool) -> list[list[Plan]]:
     """``plans`` in graph order, cut into consecutive stages whose statistics stay
     within ``STATS_BYTES`` (one stage unless memory asks for more)."""
-    out: list[list[Plan]] = []
-    held = 0
-    for p in sorted(plans, key=lambda p: p.order):
-        size = p.nbytes(diagonal=diagonal)
-        if not out or (out[-1] and held + size > STATS_BYTES):
-            out.append([])
-            held = 0
-        out[-1].append(p)
-        held += size
-    return out
+    ordered = sorted(plans, key=lambda p: p.order)
+    return runtime.split_within(ordered, lambda p: p.nbytes(diagonal=diagonal), STATS_BYTES)
 
 
 def collect(

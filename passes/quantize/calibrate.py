@@ -202,16 +202,7 @@ def fetch_chunks(ctx: PassContext, graph: gs.Graph, names: Sequence[str]) -> lis
     if not sizes:
         return [names]
     largest = max(sizes.values())
-    chunks: list[list[str]] = [[]]
-    total = 0
-    for name in names:
-        size = sizes.get(name, largest)
-        if chunks[-1] and total + size > FETCH_BYTES:
-            chunks.append([])
-            total = 0
-        chunks[-1].append(name)
-        total += size
-    return chunks
+    return runtime.split_within(names, lambda name: sizes.get(name, largest), FETCH_BYTES)
 
 
 def tensor_bytes(
