@@ -275,6 +275,8 @@ def test_fallback_auto_keeps_the_planted_sensitive_node_float():
     assert fallback["violations_before"]
     assert [d["node"] for d in fallback["kept_float"]] == ["gemm_a"]
     assert "SQNR" in fallback["kept_float"][0]["reason"]
+    kept = [d for d in step["skipped"] if d["reason"].startswith("kept float")]
+    assert [(d["subject"], d["kind"], d["op"]) for d in kept] == [("gemm_a", "node", "Gemm")]
     assert fallback["sensitivity_sqnr_db"]["gemm_a"] < fallback["sensitivity_sqnr_db"]["gemm_b"]
     assert any("gemm_a" in note for note in step["notes"])
     gemm_a = next(n for n in result.model.graph.node if n.name == "gemm_a")
@@ -595,6 +597,7 @@ def test_speed_auto_keeps_float_what_the_profiler_finds_slower(monkeypatch):
     kept = step["details"]["speed"]["kept_float"]
     assert [d["node"] for d in kept] == ["/fc3/Gemm"]
     assert kept[0]["int8_us"] == 9.0 and kept[0]["fp32_us"] == 2.0
+    assert [d["subject"] for d in step["skipped"] if "kept float" in d["reason"]] == ["/fc3/Gemm"]
     fc3 = next(n for n in result.model.graph.node if n.name == "/fc3/Gemm")
     assert fc3.input[1] == "fc3.weight"
     assert step["counts"]["core_quantized"] == 2

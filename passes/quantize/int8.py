@@ -172,6 +172,7 @@ class Job:
         self.notes: list[str] = notes
         self.details: dict = {}
         self.skipped: list[Skipped] = []  # nodes the first placement left float, and why
+        self.kept: dict[str, str] = {}  # node kept float by fallback / speed -> why
         self.timing: dict = {}  # latency_ratio() of the final graph, when already measured
 
     def build(self, float_nodes: frozenset[str]) -> Built:
@@ -212,11 +213,20 @@ class Job:
     def record(self, key: str, outcome) -> None:
         self.details[key] = outcome.report()
         self.notes += outcome.notes()
+        self.kept.update((d["node"], d["reason"]) for d in outcome.kept_float)
+
+    def all_skipped(self) -> list[Skipped]:
+        """What the first placement left float, then the nodes fallback=auto /
+        speed=auto kept float (their measurements stay in ``details``)."""
+        ops = {node.name: node.op for node in self.float_graph.nodes}
+        kept = [Skipped(name, "node", f"kept float: {why}", ops.get(name, ""))
+                for name, why in self.kept.items()]  # fmt: skip
+        return [*self.skipped, *kept]
 
     def unchanged(self, note: str | None = None) -> PassResult:
         if note:
             self.notes.append(note)
-        return PassResult(False, {}, self.details, self.notes, skipped=self.skipped)
+        return PassResult(False, {}, self.details, self.notes, skipped=self.all_skipped())
 
     def finish(self, graph: gs.Graph, built: Built) -> PassResult:
         counts = _counts(built)
@@ -237,7 +247,7 @@ class Job:
                 self.notes.append(
                     f"int8 model is {ratio:.2f}x the fp32 latency (1 thread){why}{hint}"
                 )
-        return PassResult(True, counts, self.details, self.notes, skipped=self.skipped)
+        return PassResult(True, counts, self.details, self.notes, skipped=self.all_skipped())
 
 
 @register_pass
