@@ -89,6 +89,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxopt.context import check_op_types, node_filter
 from onnxopt.errors import PassCannotRun
 from onnxopt.graph import to_graph
 from onnxopt.passes.quantize import calibrate, gptq, int4_fallback, upgrade
@@ -105,9 +106,7 @@ from onnxopt.pipeline import (
     PassContext,
     PassResult,
     Requirement,
-    check_op_types,
     default_opset,
-    node_filter,
     option,
     register_pass,
 )
