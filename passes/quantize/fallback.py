@@ -84,10 +84,15 @@ def _finite(value: float) -> float | str:
 
 
 def auto_fallback(
-    build: Callable[[frozenset[str]], Any], built: Any, ctx: PassContext, float_graph: gs.Graph
+    build: Callable[[frozenset[str]], Any],
+    built: Any,
+    ctx: PassContext,
+    float_graph: gs.Graph,
+    first: Evaluation | None = None,
 ) -> FallbackOutcome:
-    """See the module docstring. ``build(float_nodes)`` returns an int8 ``Built``."""
-    first = ctx.evaluate(built.graph)
+    """See the module docstring. ``build(float_nodes)`` returns an int8 ``Built``;
+    ``first``: ``ctx.evaluate(built.graph)`` when the caller has it already."""
+    first = first if first is not None else ctx.evaluate(built.graph)
     outcome = FallbackOutcome(built, first.violations)
     if first.ok:
         return outcome

@@ -47,6 +47,7 @@ outside the table. Subgraphs (If/Loop/Scan bodies) are not visited.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -57,6 +58,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.errors import PassCannotRun, UsageError
 from onnxopt.graph import replace_contents
 from onnxopt.passes.quantize import (
+    bias_correct,
     calibrate,
     equalize,
     fallback,
@@ -64,10 +66,12 @@ from onnxopt.passes.quantize import (
     numerics,
     prepare,
     qdq,
+    smooth,
     speed,
     upgrade,
 )
 from onnxopt.pipeline import (
+    Evaluation,
     Pass,
     PassContext,
     PassResult,
@@ -174,6 +178,7 @@ class Job:
         self.skipped: list[Skipped] = []  # nodes the first placement left float, and why
         self.kept: dict[str, str] = {}  # node kept float by fallback / speed -> why
         self.timing: dict = {}  # latency_ratio() of the final graph, when already measured
+        self.corrections: dict[str, np.ndarray] = {}  # node -> bias correction
 
     def build(self, float_nodes: frozenset[str]) -> Built:
         """The int8 graph with ``float_nodes`` (and the user's exclusions) kept float."""
@@ -196,9 +201,45 @@ class Job:
             ranges = self.calibration.ranges(qdq.activation_tensors(placement))
         rewriter = qdq.Rewriter(
             candidate, ranges, opts.activations, opts.weight_clip, self.calibration.round_weight,
-            numerics.WEIGHT_LEVELS[opts.weight_bits],
+            numerics.WEIGHT_LEVELS[opts.weight_bits], self.corrections,
         )  # fmt: skip
         return Built(candidate, placement, rewriter.apply(placement))
+
+    def correct_biases(self, built: Built) -> tuple[Built, Evaluation | None]:
+        """Measure every quantized node's output shift on ``built`` (bias_correct.py)
+        and rebuild the full placement with the corrections. ``auto``: keep them only
+        when the corrected placement measures better (``ctx.evaluate``: the budget met,
+        then the worst output SQNR) than ``built``; returns the evaluation of the
+        placement kept (None when nothing was evaluated)."""
+        core = built.plan.core()
+        corrections = bias_correct.measure(self.ctx, self.float_graph, built.graph, core)
+        report: dict = {
+            "nodes": len(corrections),
+            "max_abs_shift": round(
+                max((float(np.abs(c).max()) for c in corrections.values()), default=0.0), 6
+            ),
+            "used": bool(corrections),
+        }
+        self.details["bias_correction"] = report
+        if not corrections:
+            return built, None
+        self.corrections = corrections
+        corrected = self.build(frozenset())
+        if self.options.bias_correction != "auto" or self.ctx.evaluator is None:
+            return corrected, None
+        plain_eval = self.ctx.evaluate(built.graph)
+        corrected_eval = self.ctx.evaluate(corrected.graph)
+        scores = [(e.ok, _worst_sqnr(e)) for e in (plain_eval, corrected_eval)]
+        report["sqnr_db"] = {"without": _rounded(scores[0][1]), "with": _rounded(scores[1][1])}
+        if scores[1] > scores[0]:
+            self.notes.append(
+                f"bias correction of {len(corrections)} node(s): worst output SQNR "
+                f"{scores[0][1]:.1f} -> {scores[1][1]:.1f} dB"
+            )
+            return corrected, corrected_eval
+        self.corrections = {}
+        report["used"] = False
+        return built, plain_eval
 
     def _why_slower(self, graph: gs.Graph) -> str:
         try:
@@ -295,6 +336,16 @@ class QuantizeInt8Pass(Pass):
             True, "activation-aware cross-layer equalisation of Conv -> (Relu) -> Conv pairs"
         )
         latency: bool = option(True, "measure int8/fp32 latency for the report")
+        smooth: bool = option(
+            True,
+            "SmoothQuant: move the outlier channels of LayerNorm outputs into the weights "
+            "of the MatMul/Gemm reading them",
+        )
+        bias_correction: Literal["auto", "on", "off"] = option(
+            "off",
+            "subtract each quantized node's mean output shift (calibration) from its bias; "
+            "auto: only when the corrected model measures better on the validation samples",
+        )
 
         def validate(self) -> None:
             check_op_types(self.op_types, sorted(qdq.QDQ_RULES))
@@ -315,15 +366,24 @@ class QuantizeInt8Pass(Pass):
         equalized = equalize.equalize(graph, ctx) if opts.equalize else {}
         if equalized.get("pairs"):
             notes.append(f"equalized the channels of {equalized['pairs']} Conv pair(s)")
+        smoothed = smooth.smooth(graph, ctx) if opts.smooth else {}
+        if smoothed.get("tensors"):
+            notes.append(
+                f"smoothed {smoothed['tensors']} activation(s) into {smoothed['readers']} "
+                "MatMul/Gemm weight(s)"
+            )
         job = Job(ctx, opts, graph.copy(), notes)
-        job.details["prepare"] = {**folds, "equalized": equalized}
+        job.details["prepare"] = {**folds, "equalized": equalized, "smoothed": smoothed}
         built = job.build(frozenset())
         job.skipped = built.plan.skipped
         if not built.plan.core():
             return job.unchanged("no Conv/Gemm/MatMul can be quantized")
+        evaluation = None
+        if opts.bias_correction != "off" and ctx.calibration:
+            built, evaluation = job.correct_biases(built)
         float_nodes: frozenset[str] = frozenset()
         if opts.fallback == "auto":
-            outcome = fallback.auto_fallback(job.build, built, ctx, job.float_graph)
+            outcome = fallback.auto_fallback(job.build, built, ctx, job.float_graph, evaluation)
             job.record("fallback", outcome)
             if outcome.built is None:
                 return job.unchanged()
@@ -404,6 +464,15 @@ def _weight_only_axis(node: gs.Node) -> int | None:
     if node.op == "MatMul" and weight.ndim != 2:
         return None
     return output_axis(node, 1, weight.ndim)
+
+
+def _worst_sqnr(evaluation: Evaluation) -> float:
+    value = evaluation.worst().get("sqnr")
+    return -math.inf if value is None or math.isnan(value) else float(value)
+
+
+def _rounded(value: float) -> float | str:
+    return round(value, 2) if math.isfinite(value) else str(value)
 
 
 def _already_quantized(graph: gs.Graph) -> str:

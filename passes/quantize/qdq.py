@@ -44,7 +44,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.graph import replace_uses, unique_name
-from onnxopt.passes.quantize import numerics
+from onnxopt.passes.quantize import bias_correct, numerics
 from onnxopt.passes.quantize.numerics import ActivationType, QuantParams
 from onnxopt.pipeline import node_filter
 from onnxopt.results import Skipped
@@ -494,8 +494,10 @@ class Rewriter:
         weight_clip: Literal["max", "mse"] = "max",
         rounder: Rounder | None = None,
         weight_levels: int = 127,
+        corrections: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.graph = graph
+        self.corrections = corrections or {}  # node -> bias correction (bias_correct.py)
         self.weight_levels = weight_levels
         self.ranges = ranges
         self.activations = activations
@@ -599,6 +601,8 @@ class Rewriter:
         rule = QDQ_RULES[node.op]
         if rule.weight is None or not isinstance(node.inputs[rule.weight], gs.Constant):
             return
+        if node.name in self.corrections:
+            bias_correct.apply(node, self.corrections[node.name], rule.bias, self._fresh)
         weight = node.inputs[rule.weight]
         axis = output_axis(node, rule.weight, weight.values.ndim)  # per output channel
         bias = None
