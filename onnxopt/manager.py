@@ -48,6 +48,7 @@ from onnxopt.errors import (
 from onnxopt.pipeline_text import Pipeline, Step
 from onnxopt.progress import SILENT, Progress
 from onnxopt.protos import tensor_nbytes
+from onnxopt.registry import Requirement
 from onnxopt.results import PassResult
 from onnxopt.store import WeightStore, spill_threshold
 from onnxopt.stored import stored_path
@@ -252,24 +253,28 @@ class PassManager:
         return outcome
 
     def _prerequisites(self, index: int, step: Step, state, store) -> tuple[list, str]:
-        """Run what ``step``'s pass requires of the accepted model (``Pass.requires``)
-        first, as a checked step of its own; ``(its records, why the step cannot run
-        or "")``. An accepted prerequisite becomes the accepted model."""
-        need = step.pass_cls(step.options).requires(state.accepted)
-        if need is None:
+        """Run what ``step``'s pass requires of the accepted model (``Pass.requires``:
+        one requirement or several, in order) first, each as a checked step of its own;
+        ``(their records, why the step cannot run or "")``. An accepted prerequisite
+        becomes the accepted model; a failed one that is not optional blocks the step."""
+        needs = step.pass_cls(step.options).requires(state.accepted)
+        if needs is None:
             return [], ""
-        (provider,) = Pipeline.parse(need.step).steps
-        record, candidate, outputs = self._run_step(index, provider, state)
-        record.required_by = str(step)
-        log.info("step %d %s: %s %s", index, record.step, record.status, record.reason)
-        if record.status == "accepted":
-            state.accepted, state.previous = candidate, outputs
-            state.accepted_stats = record.after
-        elif store is not None:
-            store.collect([state.original, state.accepted])
-        if record.status in ("accepted", "no-op") or need.optional:
-            return [record], ""
-        return [record], f"{need.reason}: {provider} was {record.status} ({record.reason})"
+        records = []
+        for need in [needs] if isinstance(needs, Requirement) else needs:
+            (provider,) = Pipeline.parse(need.step).steps
+            record, candidate, outputs = self._run_step(index, provider, state)
+            record.required_by = str(step)
+            records.append(record)
+            log.info("step %d %s: %s %s", index, record.step, record.status, record.reason)
+            if record.status == "accepted":
+                state.accepted, state.previous = candidate, outputs
+                state.accepted_stats = record.after
+            elif store is not None:
+                store.collect([state.original, state.accepted])
+            if record.status not in ("accepted", "no-op") and not need.optional:
+                return records, f"{need.reason}: {provider} was {record.status} ({record.reason})"
+        return records, ""
 
     def _check_reference(self, reference: list[dict]) -> None:
         """Refuse a reference that cannot tell a good step from a bad one (see

@@ -7,10 +7,11 @@ passes when a name is unknown.
 
 **Prerequisites are declared.** A pass that needs something of the model before it
 can run (an opset) says so: ``requires_opset = 13``, or a ``requires(model)`` hook
-returning a :class:`Requirement` — the pipeline step that provides it and why. The
-PassManager runs that step first, as a checked step of its own recorded in the report
-(``required_by``); when it fails, the pass's step is skipped with the reason (a pass
-whose requirement is ``optional`` runs anyway and copes). ``run`` may assume the
+returning a :class:`Requirement` (or several, in order) — the pipeline step that
+provides it and why. The PassManager runs that step first, as a checked step of its
+own recorded in the report (``required_by``); when it fails, the pass's step is
+skipped with the reason (a pass whose requirement is ``optional`` runs anyway and
+copes). ``run`` may assume the
 requirement holds; called directly, it checks and raises ``PassCannotRun``."""
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ class Pass:
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
-    def requires(self, model: onnx.ModelProto) -> Requirement | None:
-        """What ``model`` lacks for ``run`` (None: nothing). By default: an opset below
-        ``requires_opset``, provided by ``upgrade-opset``."""
+    def requires(self, model: onnx.ModelProto) -> Requirement | tuple[Requirement, ...] | None:
+        """What ``model`` lacks for ``run`` (None: nothing; several: run in order). By
+        default: an opset below ``requires_opset``, provided by ``upgrade-opset``."""
         need = self.requires_opset
         if need is None or default_opset(model) >= need:
             return None

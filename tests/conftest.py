@@ -59,10 +59,11 @@ def apply_pass(name: str, model: onnx.ModelProto, **options):
     from onnxopt.errors import PassCannotRun
     from onnxopt.graph import to_graph, to_model
     from onnxopt.pipeline import Pipeline, get_pass, make_options
+    from onnxopt.registry import Requirement
 
     cls = get_pass(name)
-    need = cls(make_options(cls, options)).requires(model)
-    if need is not None:
+    needs = cls(make_options(cls, options)).requires(model)
+    for need in [needs] if isinstance(needs, Requirement) else needs or ():
         (step,) = Pipeline.parse(need.step).steps
         graph = to_graph(model)
         try:

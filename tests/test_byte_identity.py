@@ -158,13 +158,15 @@ PINS: dict[str, dict[str, str]] = {
     },
     "share-weights": {
         "mlp": "820d39fb7c514850248c5b9e85c506a4de40bfc50e522840736bc5b8033cea01",
-        "cnn": "206e1ff0e01802fe29adda2fc57ac42e04708ae3fd017159efd10dbb95d3eab8",
+        # BatchNorm folded first (share-weights requires fold-batchnorm)
+        "cnn": "0cac6f828b798760f296a9832e559a8946aeb1432774783cd5c5988dc51ba3cd",
         "transformer": "e8ce4120ce7d7155f51d940e3019388c76409eefc540fa11c5a7f752b772f94b",
         "op11": "820d39fb7c514850248c5b9e85c506a4de40bfc50e522840736bc5b8033cea01",
     },
     "share-weights(granularity=channel,scope=weights)": {
         "mlp": "0fd27640239f9ff11941af89eaa7e5887379980cbee845f65d94ef5d1e376e60",
-        "cnn": "caf11479b36aa924551200856417f942566fcc2dfacd9627aebbb9f7b0bef38c",
+        # BatchNorm folded first (share-weights requires fold-batchnorm)
+        "cnn": "73e557795ccca69fc183de6bf6c656c75ac370d998c9b1065d56e835e13e71fb",
         "transformer": "b7efd37adca01d6056b05a29caa49993a3be57ba081d957e317c01deac2ef933",
         "op11": "0fd27640239f9ff11941af89eaa7e5887379980cbee845f65d94ef5d1e376e60",
     },

@@ -421,7 +421,7 @@ def test_gather_embedding_is_shared_and_its_codebook_never_reclustered():
 
 def test_cnn_small_constants_are_pooled_in_one_codebook():
     model = load("digits_cnn")
-    out, result = apply(model, **CLASSIC)
+    out, result = apply(model, **CLASSIC, fold_batchnorm=False)  # BN parameters pooled
     (pool,) = [r for r in result.details["tensors"] if r["granularity"] == "pool"]
     members = set(pool["pool"])
     # BatchNorm scale, shift and mean, the classifier bias and the two 144-weight convs
@@ -439,10 +439,10 @@ def test_cnn_small_constants_are_pooled_in_one_codebook():
     assert "not float" not in skipped.get("mix.1.running_var", "")
     assert "input 4 of BatchNormalization" in skipped["mix.1.running_var"]
     assert_valid(out)
-    snapped, _ = apply(model, materialize=True, **CLASSIC)
+    snapped, _ = apply(model, materialize=True, fold_batchnorm=False, **CLASSIC)
     assert ops(snapped) == ops(model)
     assert_same_outputs(snapped, out, seeded_feeds(model, 8))
-    _, second = apply(out, **CLASSIC)
+    _, second = apply(out, **CLASSIC, fold_batchnorm=False)
     assert not second.changed  # codebooks are not re-clustered, indices are not float
 
 
@@ -468,7 +468,7 @@ def test_scope_weights_leaves_biases_and_normalization_alone():
 
 def test_no_pool_when_pool_bits_is_not_finer_than_bits():
     model = load("digits_cnn")
-    _, result = apply(model, bits=8, pool_bits=8)
+    _, result = apply(model, bits=8, pool_bits=8, fold_batchnorm=False)
     assert not any(r["granularity"] == "pool" for r in result.details["tensors"])
     skipped = {s.subject: s.reason for s in result.skipped}
     assert "pool_bits=8 is not finer than bits=8" in skipped["stem.1.weight"]
@@ -549,7 +549,7 @@ def test_materialize_snaps_in_place_and_is_idempotent():
 
 def test_small_excluded_and_unmatched_tensors_are_left_alone():
     model = load("digits_cnn")
-    out, result = apply(model, min_size=10**6, scope="weights")
+    out, result = apply(model, min_size=10**6, scope="weights", fold_batchnorm=False)
     assert not result.changed and ops(out) == ops(model)
     assert any("min_size" in s.reason for s in result.skipped)
     _, result = apply(model, exclude=["mix.*", "/fc/*"], scope="weights")

@@ -348,10 +348,12 @@ def test_biases_and_norm_parameters_are_stored_in_float16(tmp_path):
     model = conv_bn_model(rng)
     out, result = share(model, granularity="tensor")
     (half,) = [r for r in result.details["tensors"] if r["granularity"] == "float16"]
-    assert set(half["pool"]) == {"scale", "shift", "mean", "var"}
+    # and the float16-exact codebooks of weights whose indices went to the sparse stream
+    assert {"scale", "shift", "mean", "var"} <= set(half["pool"])
+    assert all(n.endswith(".cb") for n in set(half["pool"]) - {"scale", "shift", "mean", "var"})
     assert min(half["member_sqnr_db"].values()) > 60
     stored = next(t for t in out.graph.initializer if t.name.endswith(".h"))
-    assert stored.data_type == onnx.TensorProto.FLOAT16 and list(stored.dims) == [128]
+    assert stored.data_type == onnx.TensorProto.FLOAT16 and stored.dims[0] >= 128
     run_weights = rebuilt(out, ["scale", "shift", "mean", "var"], positive_feeds(1, 0)[0])
     for name in ("scale", "shift", "mean", "var"):
         original = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))

@@ -94,6 +94,7 @@ k-means iterations and seconds, bytes before/after.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -105,7 +106,7 @@ from threadpoolctl import threadpool_limits
 
 from onnxopt.errors import PassCannotRun, UsageError
 from onnxopt.graph import to_graph
-from onnxopt.passes.codebook import auto, calibration, feedback
+from onnxopt.passes.codebook import auto, calibration, feedback, sparse
 from onnxopt.passes.codebook.constants import by_dtype, try_half, try_pool
 from onnxopt.passes.codebook.kmeans import Encoded, encode, encode_scaled
 from onnxopt.passes.codebook.measure import row_error, stats
@@ -190,6 +191,12 @@ class ShareWeightsPass(Pass):
         materialize: bool = option(
             False, "snap weights to their centroids in place (float storage, no Gather)"
         )
+        fold_batchnorm: bool = option(
+            True,
+            "fold BatchNormalization into the Conv/ConvTranspose/Gemm before it first "
+            "(fold-batchnorm, a checked lossless prerequisite): one bias per channel "
+            "instead of four parameters",
+        )
         min_size: int = option(
             256, "own codebook for tensors with at least this many elements", range=(1, 2**62)
         )
@@ -256,9 +263,14 @@ class ShareWeightsPass(Pass):
                 records.append(self._try_share(rewriter, candidate, stored, found, bits))
             except Skip as reason:
                 skipped.append(candidate.skip(str(reason)))
+        rewriter.finish()  # the sparse index stream's decoder, before the codebooks are told apart
         # again: bias correction may have changed or added constants
         graph = rewriter.graph
         pooled = select(graph, opts, chosen.floor).pooled if chosen.pooled else []
+        # float16-exact codebooks of streamed weights join the float16 constants (lossless)
+        for codebook, gather in rewriter.streamed_codebooks:
+            if codebook.values.dtype != np.float16 and self._halve_codebook(codebook.values):
+                pooled.append(Candidate(codebook, [(gather, 0)], frozenset()))
         groups = [(members, bool(opts.pool_bits)) for members in by_dtype(pooled)]
         groups += [(members, False) for members in by_dtype(halves)]
         for members, codebook in groups:
@@ -270,6 +282,12 @@ class ShareWeightsPass(Pass):
             except Skip as reason:
                 skipped.extend(m.skip(str(reason)) for m in members)
         return records
+
+    def _halve_codebook(self, values: np.ndarray) -> bool:
+        """Whether a streamed weight's codebook is rounded to float16 and stored with the
+        float16 constants: float32 weights, ``scope=all`` with ``pool_bits=0``."""
+        opts = self.options
+        return values.dtype == np.float32 and opts.scope == "all" and not opts.pool_bits
 
     def _auto_widths(self, graph, ctx, chosen, index_bits, found):
         """``bits=auto``: ``(width per weight, search record)`` (``passes/codebook/auto.py``)."""
@@ -366,8 +384,18 @@ class ShareWeightsPass(Pass):
 
     # ------------------------------------------------------------------ index type
 
-    def requires(self, model: onnx.ModelProto) -> Requirement | None:
-        """Opset 21 when uint4 indices are wanted (optional with ``upgrade_opset=auto``)."""
+    def requires(self, model: onnx.ModelProto) -> tuple[Requirement, ...]:
+        """``fold-batchnorm`` when a BatchNormalization reads a layer with a constant
+        weight (optional), then opset 21 when uint4 indices are wanted (optional with
+        ``upgrade_opset=auto``)."""
+        needs = []
+        if self.options.fold_batchnorm and _foldable_batchnorm(model):
+            reason = "BatchNormalization parameters cost four float16 values per channel"
+            needs.append(Requirement("fold-batchnorm", reason, optional=True))
+        opset = self._requires_opset(model)
+        return (*needs, opset) if opset is not None else tuple(needs)
+
+    def _requires_opset(self, model: onnx.ModelProto) -> Requirement | None:
         opts = self.options
         if opts.materialize or opts.upgrade_opset is False:
             return None
@@ -497,14 +525,22 @@ class ShareWeightsPass(Pass):
         if not np.all(np.isfinite(values)):
             raise Skip("has NaN or Inf values")
         encoded, correctable = self._encode(candidate, bits, found)
-        shared = encoded.reconstruct()
         names: dict[str, str] = {}
+        streamed = False  # the indices join the step's sparse index stream
+        if not opts.materialize:
+            streamed = sparse.worth_it(encoded.indices, index_bits, int(rewriter.graph.opset))
+            if streamed and self._halve_codebook(values):
+                encoded = _half_codebook(encoded)
+        shared = encoded.reconstruct()
         if opts.materialize:
             if encoded.exact_rows == encoded.channels and encoded.scales is None:
                 raise Skip(f"already has at most {2**bits} distinct values per codebook")
             bytes_after = shared.nbytes
         else:
             bytes_after = encoded.stored_bytes(index_bits)
+            if streamed:
+                packed = (encoded.indices.size * index_bits + 7) // 8
+                bytes_after += sparse.stream_bytes(encoded.indices) - packed
             if bytes_after >= values.nbytes:
                 raise Skip(
                     f"indices + codebook ({bytes_after} bytes) would not be smaller than "
@@ -516,7 +552,7 @@ class ShareWeightsPass(Pass):
         if opts.materialize:
             tensor.values = shared  # a new array: Graph.copy() shares the old one
         else:
-            names = rewriter.rewire(tensor, encoded, index_bits)
+            names = rewriter.rewire(tensor, encoded, index_bits, stream=streamed)
         record = stats(values, shared, encoded)
         fed = _usable_hessian(found, tensor.name) is not None
         axis = None
@@ -530,6 +566,7 @@ class ShareWeightsPass(Pass):
             granularity=encoded.granularity,
             axis=axis,
             index_bits=index_bits or None,
+            index_stream=streamed,
             weighted=bool(found and tensor.name in found.readers) and not fed,
             feedback=fed,
             bias_corrected=corrected,
@@ -587,6 +624,15 @@ def _relative_error(values: np.ndarray, shared: np.ndarray, importance) -> float
     return float(np.sum(weights * delta * delta)) / power if power > 0 else 0.0
 
 
+def _half_codebook(encoded: Encoded) -> Encoded:
+    """``encoded`` with its centroids rounded to float16 (kept in float32 here: what the
+    float16 constants' Cast gives back; zero stays zero), unless one would overflow."""
+    half = encoded.codebook.astype(np.float16)
+    if not np.all(np.isfinite(half)):
+        return encoded
+    return dataclasses.replace(encoded, codebook=half.astype(encoded.codebook.dtype))
+
+
 def _usable_hessian(found, name: str) -> feedback.Hessian | None:
     """The Hessian the error feedback uses for weight ``name``, or None."""
     hessian = found.hessians.get(name) if found else None
@@ -612,6 +658,22 @@ def _correct_bias(rewriter: Rewriter, found, candidate, values, shared) -> str |
 
 def _text(value: bool | str) -> str:
     return value if isinstance(value, str) else str(value).lower()
+
+
+def _foldable_batchnorm(model: onnx.ModelProto) -> bool:
+    """Whether a BatchNormalization reads the output of a Conv, ConvTranspose or Gemm
+    whose weight is an initializer or a Constant (what ``fold-batchnorm`` folds)."""
+    graph = model.graph
+    constants = {t.name for t in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    layers = {
+        n.output[0]
+        for n in graph.node
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm")
+        and n.input[1:2]
+        and n.input[1] in constants
+    }
+    return any(n.op_type == "BatchNormalization" and n.input[0] in layers for n in graph.node)
 
 
 def _raise_ir_version(graph: gs.Graph) -> None:

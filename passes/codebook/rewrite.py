@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt.graph import replace_uses, unique_name
+from onnxopt.passes.codebook import sparse
 from onnxopt.passes.codebook.kmeans import Encoded, pack_uint4
 
 SPLIT_INPUT_OPSET = 13  # Split's sizes: an attribute before, an input from opset 13
@@ -31,6 +32,9 @@ class Rewriter:
         self.graph = graph
         self._names = set(graph.tensors()) | {node.name for node in graph.nodes}
         self._stems = 0
+        self._streams: list[tuple[np.ndarray, gs.Variable]] = []  # sparse index stream
+        self._stream_stem = self._stream_name = ""
+        self.streamed_codebooks: list[tuple[gs.Constant, gs.Node]] = []  # (codebook, Gather)
 
     def stem(self) -> str:
         """A short prefix ``sw<n>`` for the names of one encoding's tensors and nodes."""
@@ -43,16 +47,24 @@ class Rewriter:
     def fresh(self, base: str) -> str:
         return unique_name(base, self._names)
 
-    def rewire(self, tensor: gs.Constant, encoded: Encoded, index_bits: int) -> dict[str, str]:
+    def rewire(
+        self, tensor: gs.Constant, encoded: Encoded, index_bits: int, stream: bool = False
+    ) -> dict[str, str]:
         """Replace ``tensor`` by its rebuild (tensor, channel or scaled form) for all its
-        consumers; returns the names of the indices and the codebook."""
+        consumers; returns the names of the indices and the codebook. With ``stream``
+        its indices join the step's sparse index stream (built by :meth:`finish`)."""
         stem = self.stem()
-        position, indices, codebook, nodes = self.gather_chain(stem, encoded, index_bits)
+        if stream:
+            position, codebook, nodes = self._streamed(stem, encoded)
+            indices_name = self._stream_name
+        else:
+            position, indices, codebook, nodes = self.gather_chain(stem, encoded, index_bits)
+            indices_name = indices.name
         if encoded.offsets is not None:
             offsets = gs.Constant(self.fresh(f"{stem}.off"), encoded.offsets)
             shifted = gs.Variable(self.fresh(f"{stem}.pos2"))
             add = gs.Node("Add", self.fresh(f"{stem}.add"), {}, [position, offsets], [shifted])
-            nodes.insert(1, add)
+            nodes.insert(len(nodes) - 1, add)  # before the Gather
             nodes[-1].inputs[1] = shifted
         rebuilt = gs.Variable(tensor.name)
         if encoded.scales is not None:
@@ -65,7 +77,61 @@ class Rewriter:
             nodes[-1].outputs = [rebuilt]
         redirect(tensor, rebuilt)
         self.graph.nodes.extend(nodes)
-        return {"indices": indices.name, "codebook": codebook.name}
+        return {"indices": indices_name, "codebook": codebook.name}
+
+    def _streamed(self, stem: str, encoded: Encoded):
+        """The Gather of a tensor whose int32 indices the stream's decoder will yield."""
+        if not self._streams:
+            self._stream_stem = self.stem()
+            self._stream_name = self.fresh(f"{self._stream_stem}.z")
+        position = gs.Variable(self.fresh(f"{stem}.pos"))
+        self._streams.append((encoded.indices, position))
+        codebook = gs.Constant(self.fresh(f"{stem}.cb"), encoded.codebook)
+        gather = gs.Node("Gather", self.fresh(f"{stem}.gather"), {"axis": 0}, [codebook, position])
+        self.streamed_codebooks.append((codebook, gather))
+        return position, codebook, [gather]
+
+    def finish(self) -> None:
+        """Build the decoder of the sparse index stream (``passes/codebook/sparse.py``)."""
+        if not self._streams:
+            return
+        stem, parts = self._stream_stem, self._streams
+        self._streams = []
+        flat = np.concatenate([indices.reshape(-1) for indices, _ in parts])
+        const = lambda suffix, value: gs.Constant(self.fresh(f"{stem}.{suffix}"), value)  # noqa: E731
+        var = lambda suffix: gs.Variable(self.fresh(f"{stem}.{suffix}"))  # noqa: E731
+        stream = gs.Constant(self._stream_name, sparse.encode(flat))
+        sixteen, one = const("16", np.array(16, np.int32)), const("1", np.array(1, np.int32))
+        x, gap, index, step, ends, position, zeros, out = (
+            var(s) for s in ("x", "gap", "v", "step", "end", "at", "zero", "flat")
+        )
+        node = lambda op, ins, outs, **attrs: gs.Node(  # noqa: E731
+            op, self.fresh(f"{stem}.{op.lower()}"), attrs, ins, outs
+        )
+        nodes = [
+            node("Cast", [stream], [x], to=onnx.TensorProto.INT32),
+            node("Div", [x, sixteen], [gap]),
+            node("Mod", [x, sixteen], [index]),
+            node("Add", [gap, one], [step]),
+            node("CumSum", [step, const("axis", np.array(0, np.int32))], [ends]),
+            node("Sub", [ends, one], [position]),
+            node(
+                "Expand",
+                [const("0", np.array(0, np.int32)), const("n", np.array([flat.size], np.int64))],
+                [zeros],
+            ),
+            node("ScatterElements", [zeros, position, index], [out], axis=0),
+        ]
+        if len(parts) == 1:
+            pieces = [out]
+        else:
+            pieces = [var(f"p{j}") for j in range(len(parts))]
+            sizes = np.array([indices.size for indices, _ in parts], np.int64)
+            nodes.append(node("Split", [out, const("sizes", sizes)], pieces, axis=0))
+        for (indices, position), piece in zip(parts, pieces):
+            shape = const("s", np.array(indices.shape, np.int64))
+            nodes.append(node("Reshape", [piece, shape], [position]))
+        self.graph.nodes.extend(nodes)
 
     def gather_chain(
         self, stem: str, encoded: Encoded, index_bits: int

@@ -251,8 +251,9 @@ def _is_float(tensor: gs.Constant) -> bool:
         return False
 
 
-def _is_reconstruction(node: gs.Node, depth: int = 3) -> bool:
-    """A Gather whose indices depend on constants only (e.g. our own Cast/Add chain)."""
+def _is_reconstruction(node: gs.Node, depth: int = 10) -> bool:
+    """A Gather whose indices depend on constants only (e.g. our own Cast/Add chain, or
+    the sparse index stream's decoder: nine nodes deep)."""
     return len(node.inputs) > 1 and _constant_only(node.inputs[1], depth)
 
 
