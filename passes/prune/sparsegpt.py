@@ -117,9 +117,12 @@ def inverse_cholesky(hd: np.ndarray) -> np.ndarray:
     ``cholesky(inverse(Hd), upper=True)``), from one Cholesky of ``Hd`` with rows and
     columns reversed: if ``P Hd P = L Lᵀ`` then ``U = P L⁻¹ P``. Raises
     ``np.linalg.LinAlgError`` when ``Hd`` is not positive definite."""
-    flipped = np.ascontiguousarray(hd[:, ::-1, ::-1])
-    lower = np.linalg.cholesky(flipped)
-    return np.ascontiguousarray(lower_inverse(lower)[:, ::-1, ::-1])
+    # temporaries released as soon as they are used: the flipped copy, then the factor
+    # (PP-OCRv4 rec's K=2880 layer held five K x K float64 arrays at once)
+    lower = np.linalg.cholesky(np.ascontiguousarray(hd[:, ::-1, ::-1]))
+    inverse = lower_inverse(lower)
+    del lower
+    return np.ascontiguousarray(inverse[:, ::-1, ::-1])
 
 
 def dense_target(
