@@ -63,8 +63,10 @@ class DistillPass(Pass):
         epochs: int = option(10, "training epochs", range=(1, 100000))
         batch_size: int = option(32, "rows per training step", range=(1, 1 << 20))
         lr: float = option(1e-3, "peak AdamW learning rate", range=(1e-9, 10.0))
-        loss: Literal["auto", "kl", "mse", "cosine"] = option(
-            "auto", "kl (softened softmax), mse (relative) or cosine; auto: kl for class scores"
+        loss: Literal["auto", "kl", "bce", "mse", "cosine"] = option(
+            "auto",
+            "kl (softened softmax), bce (Sigmoid logits), mse (relative) or cosine; auto: kl "
+            "for class scores",
         )
         temperature: float = option(2.0, "softmax temperature of loss=kl", range=(1e-3, 100.0))
         alpha: float | None = option(
@@ -90,24 +92,12 @@ class DistillPass(Pass):
                 raise ValueError("labels= needs data= (a .npz holding the labels)")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        from onnxopt.train.api import DistillOptions, distill, parse_output_spec
+        from onnxopt.train.api import DistillOptions, distill
 
         o = self.options
         student = ctx.to_model(graph)
         samples = self._samples(student, ctx)
-        options = DistillOptions(
-            epochs=o.epochs,
-            batch_size=o.batch_size,
-            lr=o.lr,
-            loss=o.loss,
-            temperature=o.temperature,
-            alpha=o.alpha,
-            weight_decay=o.weight_decay,
-            holdout=o.holdout,
-            seed=ctx.seed,
-            freeze=tuple(o.freeze),
-            outputs=dict(parse_output_spec(spec) for spec in o.outputs),
-        )
+        options = DistillOptions.pick(o, seed=ctx.seed, outputs=o.outputs)
         result = distill(
             ctx.original,
             student,

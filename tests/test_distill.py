@@ -376,6 +376,14 @@ def test_op_without_gradient_or_rewrite_is_named_with_its_position_and_the_way_o
     copy = convert.prepare(model, _feeds(model), freeze=["W"])
     assert copy.trainable == ["W2"] and copy.coverage.frozen == ["W"]
     assert [n.op for n in copy.coverage.nodes] == ["Conv"]
+    assert copy.coverage.summary() == {  # the report's op list: Einsum is off the path now
+        "path_nodes": 1,
+        "gradient_ops": {"Conv": 1},
+        "rewritten_ops": {},
+        "unknown_ops": {},
+        "frozen_tensors": 1,
+    }
+    assert "frozen by freeze=: 1 tensor(s)" in copy.notes
     with pytest.raises(UsageError, match=r"freeze pattern 'nope\*' matches no trainable"):
         convert.prepare(model, _feeds(model), freeze=["nope*"])
 
@@ -667,6 +675,25 @@ def test_rewritten_student_trains_and_keeps_its_ops(adjunct, tmp_path):
     assert "op_coverage" in result.summary()
 
 
+def test_average_pool_rewrite_trains_with_a_symbolic_batch(adjunct, tmp_path):
+    """The one conditional rewrite (PP-OCR rec's AveragePool, batched rows): onnxruntime-
+    training accepts its gradient and the distilled model keeps the AveragePool."""
+    _, nodes, inits, extra = REWRITE_CASES["AveragePool"]
+    teacher = _op_model(nodes, inits, **extra)
+    student_model = onnx.ModelProto()
+    student_model.CopyFrom(teacher)
+    weight = numpy_helper.to_array(student_model.graph.initializer[0])
+    student_model.graph.initializer[0].CopyFrom(numpy_helper.from_array(weight * 0.5, "W"))
+    data = {"x": np.random.default_rng(6).standard_normal((40, 4, 6, 6)).astype(np.float32)}
+    result = distill(
+        teacher, student_model, data, epochs=2, batch_size=4, lr=1e-2, workdir=tmp_path
+    )
+    assert result.coverage["rewritten_ops"] == {"AveragePool": 1}
+    assert _ops(result.model) == _ops(student_model) == Counter(Conv=1, AveragePool=1)
+    assert result.best["heldout_loss"] < 0.7 * result.before["heldout_loss"]
+    assert not np.array_equal(_weights(result.model)["W"], weight * 0.5)
+
+
 def _two_output_model():
     """Probabilities [N, 144] (a softmax head) and an embedding [N, 4] (pooled)."""
     nodes = [
@@ -690,6 +717,10 @@ def test_auto_loss_per_output():
     assert api.resolve_loss("auto", logits[:, 0], 2, class_head=False) == "mse"  # embedding
     assert api.resolve_loss("auto", logits[:, :, :1], 3, class_head=True) == "mse"
     assert api.resolve_loss("cosine", logits, 3, class_head=True) == "cosine"
+    probability_map = 1 / (1 + np.exp(-logits))  # [N, 5, 7]: a Sigmoid's map
+    assert api.resolve_loss("auto", probability_map, 3, False, logits="z") == "bce"
+    assert api.resolve_loss("auto", probability_map, 3, False) == "mse"  # no Sigmoid
+    assert api.resolve_loss("auto", probability_map[:, 0, :1], 1, False, logits="z") == "mse"
 
 
 def test_output_settings_parse_and_are_checked():
@@ -735,6 +766,37 @@ def test_per_output_losses_weights_and_sqnr_history(adjunct, tmp_path):
         distill(teacher, student_model, data, outputs={"nope": {"weight": 1.0}})
     only = distill(teacher, student_model, data, epochs=1, outputs={"probs": {"weight": 0}})
     assert [t["name"] for t in only.settings["targets"]] == ["emb"]
+
+
+def _sigmoid_map_model(bias: float):
+    """``Sigmoid(Conv(x) + b)``: a probability map [N, 4, 6, 6] (PP-OCR det's head)."""
+    nodes = [
+        helper.make_node("Add", ["y", "b"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["map"]),
+    ]
+    bias_values = np.full((1, 4, 1, 1), bias, np.float32)
+    return _op_model(nodes, [("b", bias_values)], shape=("N", 4, 6, 6), outputs=("map",))
+
+
+def test_bce_on_the_logits_of_a_sigmoid_map(adjunct, tmp_path):
+    """auto picks bce on the Sigmoid's input for a probability map (PP-OCR det's head):
+    gradient sigmoid(z) - t, which stays 1 where a pruned student's map sits at 0; the
+    loss is the binary KL, so it is 0 at the teacher."""
+    teacher, student = _sigmoid_map_model(0.0), _sigmoid_map_model(-4.0)
+    rng = np.random.default_rng(3)
+    data = {"x": rng.standard_normal((64, 4, 6, 6)).astype(np.float32)}
+    result = distill(teacher, student, data, epochs=3, lr=0.1, batch_size=8, workdir=tmp_path)
+    (target,) = result.settings["targets"]
+    assert target["loss"] == "bce" and target["logits"] == "logit"
+    assert result.best["worst_sqnr_db"] > result.before["worst_sqnr_db"] + 2
+    assert result.best["heldout_loss"] < 0.6 * result.before["heldout_loss"]
+    assert _ops(result.model) == _ops(student) and result.check_max_abs < 1e-4
+    same = distill(teacher, teacher, data, epochs=1, workdir=tmp_path)
+    assert abs(same.before["heldout_loss"]) < 1e-6  # KL of the teacher with itself
+    with pytest.raises(
+        UsageError, match="loss=bce on output 'probs' needs a student output made by a Sigmoid"
+    ):
+        distill(_two_output_model(), _two_output_model(), data, loss="bce", workdir=tmp_path)
 
 
 # ---------------------------------------------------------------------------- failure modes

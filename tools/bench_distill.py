@@ -191,7 +191,7 @@ TRAIN_SEED = 3000
 # model -> (training samples, distill settings); <= 10 epochs, <= 10 min on 2 busy cores
 ZOO_ROWS: dict[str, tuple[int, dict]] = {
     "ppocr-cls": (512, {"epochs": 10, "lr": 2e-3, "batch_size": 32}),
-    "ppocr-det": (96, {"epochs": 6, "lr": 1e-3, "batch_size": 8}),
+    "ppocr-det": (96, {"epochs": 10, "lr": 3e-3, "batch_size": 8}),
     "ppocr-rec": (128, {"epochs": 8, "lr": 1e-3, "batch_size": 16}),
     "vad": (512, {"epochs": 10, "lr": 2e-3, "batch_size": 16}),
     "minilm": (256, {"epochs": 6, "lr": 1e-3, "batch_size": 16}),

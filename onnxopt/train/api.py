@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +43,7 @@ from onnxopt.train import client, convert, env
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("auto", "kl", "mse", "cosine")
+LOSSES = ("auto", "kl", "bce", "mse", "cosine")
 OUTPUT_KEYS = ("loss", "weight", "temperature")
 SCHEDULES = ("cosine", "constant")
 CHECK_TOLERANCE = (1e-4, 1e-3)  # training-graph kernels vs inference kernels
@@ -57,8 +57,9 @@ class DistillOptions:
     batch_size: int = 32
     lr: float = 1e-3
     # per output; auto: kl for class scores of a classifier head ([N, C]) and for
-    # per-timestep probabilities ([N, T, C], CTC), else mse relative to the teacher's power
-    loss: Literal["auto", "kl", "mse", "cosine"] = "auto"
+    # per-timestep probabilities ([N, T, C], CTC), bce on the logits of a Sigmoid output
+    # (probability maps), else mse relative to the teacher's power
+    loss: Literal["auto", "kl", "bce", "mse", "cosine"] = "auto"
     temperature: float = 2.0
     alpha: float | None = None
     weight_decay: float = 0.0
@@ -98,6 +99,16 @@ class DistillOptions:
         for ok, message in checks:
             if not ok:
                 raise UsageError(f"distill: {message}")
+
+    @classmethod
+    def pick(cls, source: Any, *, outputs: Sequence[str] = (), **overrides: Any) -> DistillOptions:
+        """The settings ``source`` (parsed command-line arguments, a pipeline step's
+        options) has under the same names, ``overrides`` on top; ``outputs``: specs
+        ``NAME:key=value[;...]`` (:func:`parse_output_spec`)."""
+        names = [f.name for f in fields(cls) if f.name != "outputs" and hasattr(source, f.name)]
+        found = {**{name: getattr(source, name) for name in names}, **overrides}
+        found["freeze"] = tuple(found.get("freeze", ()))
+        return cls(**found, outputs=dict(parse_output_spec(spec) for spec in outputs))
 
     def resolved_alpha(self, has_labels: bool) -> float:
         if self.alpha is not None:
@@ -422,13 +433,16 @@ def is_probabilities(teacher: np.ndarray) -> bool:
     return bool(np.all(np.abs(teacher.sum(axis=-1, dtype=np.float64) - 1) < 1e-3))
 
 
-def resolve_loss(loss: str, teacher: np.ndarray, rank: int, class_head: bool) -> str:
+def resolve_loss(
+    loss: str, teacher: np.ndarray, rank: int, class_head: bool, logits: str | None = None
+) -> str:
     """The loss of one output (``rank``: the output's own rank, without a sample axis).
 
     ``auto`` -> ``kl`` for class scores of a classifier head ([N, C], C > 1) and for
-    per-timestep probabilities ([N, T, C], a CTC head), else ``mse`` (relative to the
-    teacher's power, so outputs of any scale weigh alike: a VAD's probability and its
-    recurrent state, a detection map).
+    per-timestep probabilities ([N, T, C], a CTC head); ``bce`` for an output a Sigmoid
+    produces (``logits``: its input) of rank >= 2 (a probability map: PP-OCR det);
+    else ``mse`` (relative to the teacher's power, so outputs of any scale weigh alike:
+    a VAD's probability and its recurrent state, an embedding).
     """
     if loss != "auto":
         return loss
@@ -437,17 +451,39 @@ def resolve_loss(loss: str, teacher: np.ndarray, rank: int, class_head: bool) ->
         return "kl"
     if classes > 1 and rank == 3 and is_probabilities(teacher):
         return "kl"
+    if logits is not None and rank >= 2:
+        return "bce"
     return "mse"
 
 
-def _target_specs(options, targets, teachers, layout, class_heads) -> list[dict[str, Any]]:
+def sigmoid_logits(model: onnx.ModelProto, output: str) -> str | None:
+    """The input of the Sigmoid that produces ``output``, if one does."""
+    for item in model.graph.node:
+        if output in item.output:
+            return (
+                item.input[0]
+                if item.op_type == "Sigmoid" and item.domain in ("", "ai.onnx")
+                else None
+            )
+    return None
+
+
+def _target_specs(options, targets, teachers, layout, class_heads, model) -> list[dict[str, Any]]:
     specs = []
     for (student, teacher_name), teacher in zip(targets, teachers):
         settings = options.outputs.get(student, {})
         rank = teacher.ndim - (1 if layout == "samples" else 0)
+        logits = sigmoid_logits(model, student)
+        if logits is not None and teacher.size and (teacher.min() < 0 or teacher.max() > 1):
+            logits = None  # the teacher's output is no probability: not a pair for bce
         loss = resolve_loss(
-            settings.get("loss", options.loss), teacher, rank, teacher_name in class_heads
+            settings.get("loss", options.loss), teacher, rank, teacher_name in class_heads, logits
         )
+        if loss == "bce" and logits is None:
+            raise UsageError(
+                f"distill: loss=bce on output {student!r} needs a student output made by a "
+                "Sigmoid and teacher values in [0, 1]; use loss=mse"
+            )
         classes = int(teacher.shape[-1]) if teacher.ndim else 1
         if loss in ("kl", "cosine") and classes < 2:
             raise UsageError(
@@ -466,11 +502,13 @@ def _target_specs(options, targets, teachers, layout, class_heads) -> list[dict[
                 "scale": 1.0 / power if power > 0 else 1.0,  # mse relative to the teacher
             }
         )
+        if loss == "bce":  # binary KL on the Sigmoid's input
+            specs[-1]["logits"] = logits
     return specs
 
 
 def _job_options(options, copy, targets, teachers, layout, has_labels, heads) -> dict[str, Any]:
-    specs = _target_specs(options, targets, teachers, layout, heads)
+    specs = _target_specs(options, targets, teachers, layout, heads, copy.model)
     losses = sorted({spec["loss"] for spec in specs})
     return {
         "epochs": options.epochs,

@@ -59,11 +59,12 @@ def add_subcommands(subparsers, common_parents: list[argparse.ArgumentParser]) -
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     p.add_argument(
         "--loss",
-        choices=["auto", "kl", "mse", "cosine"],
+        choices=["auto", "kl", "bce", "mse", "cosine"],
         default="auto",
-        help="kl: softened class scores (per timestep for [N, T, C]); mse: relative to the "
-        "teacher's power; cosine: along the last axis; auto: kl for classifier scores and "
-        "CTC probabilities, else mse",
+        help="kl: softened class scores (per timestep for [N, T, C]); bce: binary KL on the "
+        "logits of a Sigmoid output; mse: relative to the teacher's power; cosine: along the "
+        "last axis; auto: kl for classifier scores and CTC probabilities, bce for Sigmoid "
+        "maps, else mse",
     )
     p.add_argument(
         "--target",
@@ -155,7 +156,7 @@ def _versions(versions: dict) -> str:
 
 
 def cmd_distill(args) -> int:
-    from onnxopt.train.api import DistillOptions, distill, parse_output_spec
+    from onnxopt.train.api import DistillOptions, distill
 
     output = Path(args.output)
     for source in (args.teacher, args.student):
@@ -163,22 +164,7 @@ def cmd_distill(args) -> int:
             raise UsageError(f"refusing to overwrite the input file {source}; choose another -o")
     if not output.resolve().parent.is_dir():
         raise UsageError(f"output folder {output.parent} does not exist")
-    options = DistillOptions(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        loss=args.loss,
-        temperature=args.temperature,
-        alpha=args.alpha,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        warmup=args.warmup,
-        holdout=args.holdout,
-        seed=args.seed,
-        threads=args.threads,
-        freeze=tuple(args.freeze),
-        outputs=dict(parse_output_spec(spec) for spec in args.target),
-    )
+    options = DistillOptions.pick(args, outputs=args.target)
     result = distill(
         args.teacher,
         args.student,

@@ -158,8 +158,12 @@ def _prelu(graph, node, apply):
         return None
     b = _Builder(graph, node)
     x, slope = node.inputs[:2]
-    negative = b.op("Mul", [slope, b.op("Min", [x, b.const(0.0)])])
-    b.op("Add", [b.op("Relu", [x]), negative], out=node.outputs[0])
+    return _relu_plus(b, node, x, b.op("Mul", [slope, b.op("Min", [x, b.const(0.0)])]))
+
+
+def _relu_plus(b, node, x, rest):
+    """``node``'s output becomes Relu(x) + rest (PRelu, Softplus, Elu)."""
+    b.op("Add", [b.op("Relu", [x]), rest], out=node.outputs[0])
     b.replace(node)
     return None
 
@@ -171,10 +175,7 @@ def _softplus(graph, node, apply):
     b = _Builder(graph, node)
     x = node.inputs[0]
     tail = b.op("Exp", [b.op("Neg", [b.op("Abs", [x])])])
-    tail = b.op("Log", [b.op("Add", [tail, b.const(1.0)])])
-    b.op("Add", [b.op("Relu", [x]), tail], out=node.outputs[0])
-    b.replace(node)
-    return None
+    return _relu_plus(b, node, x, b.op("Log", [b.op("Add", [tail, b.const(1.0)])]))
 
 
 @training_rewrite("Elu")
@@ -184,10 +185,7 @@ def _elu(graph, node, apply):
     b = _Builder(graph, node)
     x = node.inputs[0]
     negative = b.op("Sub", [b.op("Exp", [b.op("Min", [x, b.const(0.0)])]), b.const(1.0)])
-    negative = b.op("Mul", [negative, b.const(node.attrs.get("alpha", 1.0))])
-    b.op("Add", [b.op("Relu", [x]), negative], out=node.outputs[0])
-    b.replace(node)
-    return None
+    return _relu_plus(b, node, x, b.op("Mul", [negative, b.const(node.attrs.get("alpha", 1.0))]))
 
 
 def _variadic(graph, node, apply, mean: bool):

@@ -153,10 +153,11 @@ def _parameter_slots(graph: gs.Graph) -> Iterable[gs.Tensor]:
                     yield tensor
 
 
-def _source_constant(tensor: gs.Tensor, depth: int = 8) -> gs.Constant | None:
-    """The constant ``tensor`` is a (reshaped, gathered...) view of, if any."""
+def _view_of(tensor: gs.Tensor, stop, depth: int = 8) -> gs.Tensor | None:
+    """The first tensor up ``tensor``'s chain of pass-through producers (Reshape,
+    Gather of data...) for which ``stop`` holds, within ``depth`` steps; else None."""
     for _ in range(depth):
-        if isinstance(tensor, gs.Constant):
+        if stop(tensor):
             return tensor
         if len(tensor.inputs) != 1 or tensor.inputs[0].op not in PASS_THROUGH:
             return None
@@ -165,15 +166,13 @@ def _source_constant(tensor: gs.Tensor, depth: int = 8) -> gs.Constant | None:
     return None
 
 
-def _from_graph_input(tensor: gs.Tensor, inputs: set[int], depth: int = 8) -> bool:
-    for _ in range(depth):
-        if id(tensor) in inputs:
-            return True
-        if len(tensor.inputs) != 1 or tensor.inputs[0].op not in PASS_THROUGH:
-            return False
-        node = tensor.inputs[0]
-        tensor = node.inputs[PASS_THROUGH[node.op]]
-    return False
+def _source_constant(tensor: gs.Tensor) -> gs.Constant | None:
+    """The constant ``tensor`` is a (reshaped, gathered...) view of, if any."""
+    return _view_of(tensor, lambda t: isinstance(t, gs.Constant))
+
+
+def _from_graph_input(tensor: gs.Tensor, inputs: set[int]) -> bool:
+    return _view_of(tensor, lambda t: id(t) in inputs) is not None
 
 
 def _dtype(tensor: gs.Constant):

@@ -190,6 +190,8 @@ def build_loss_block(options, student):
                     term = mse_term(graph, target["name"], teacher, target.get("scale", 1.0))
                 elif kind == "cosine":
                     term = cosine_term(graph, target["name"], teacher)
+                elif kind == "bce":
+                    term = bce_term(graph, target, teacher)
                 else:
                     temperature = target.get("temperature", options["temperature"])
                     term = kl_term(graph, target, teacher, temperature)
@@ -251,6 +253,37 @@ def cosine_term(graph, output, teacher):
     )
     cosine = node(graph, "Div", [total(output, teacher), norms])
     return node(graph, "Sub", [scalar(graph, 1.0), node(graph, "ReduceMean", [cosine], keepdims=0)])
+
+
+def bce_term(graph, target, teacher):
+    """Binary KL per element of a Sigmoid output, on its logits z (the Sigmoid's input).
+
+    mean(softplus(z) - t z - H(t)), softplus(z) = Relu(z) + log(1 + exp(-|z|)), H the
+    teacher's binary entropy (so the loss is 0 at the teacher): its gradient on z is
+    sigmoid(z) - t, which does not vanish where a pruned student's sigmoid saturates
+    (mse on the probabilities does: PP-OCR det's map).
+    """
+    z = target["logits"]
+    one = scalar(graph, 1.0)
+    tail = node(graph, "Exp", [node(graph, "Neg", [node(graph, "Abs", [z])])])
+    softplus = node(
+        graph,
+        "Add",
+        [node(graph, "Relu", [z]), node(graph, "Log", [node(graph, "Add", [tail, one])])],
+    )
+    t = node(graph, "Clip", [teacher, scalar(graph, 1e-7), scalar(graph, 1.0 - 1e-7)])
+    u = node(graph, "Sub", [one, t])
+    negative_entropy = node(
+        graph,
+        "Add",
+        [
+            node(graph, "Mul", [t, node(graph, "Log", [t])]),
+            node(graph, "Mul", [u, node(graph, "Log", [u])]),
+        ],
+    )
+    pointwise = node(graph, "Sub", [softplus, node(graph, "Mul", [teacher, z])])
+    pointwise = node(graph, "Add", [pointwise, negative_entropy])
+    return node(graph, "ReduceMean", [pointwise], keepdims=0)
 
 
 def log_probabilities(graph, probabilities):
