@@ -648,6 +648,25 @@ def test_speed_auto_leaves_the_model_float_when_int8_stays_slower(monkeypatch):
     assert any("integer kernel(s)" in note for note in step["notes"])  # and why
 
 
+def test_speed_auto_says_why_when_every_node_profiled_slower(monkeypatch):
+    """The profiler reverts every quantized node: the reason names that, with the
+    measured ratio (it once printed an empty list of causes)."""
+
+    def fake_profile(model, feed, runs=0):
+        if any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+            return {n.name: ("QGemm", 9.0) for n in model.graph.node if n.op_type == "Gemm"}
+        return {n.name: ("Gemm", 1.0) for n in model.graph.node if n.op_type == "Gemm"}
+
+    monkeypatch.setattr(speed, "profile_nodes", fake_profile)
+    monkeypatch.setattr(speed, "latency_ratio", lambda ctx, a, b: {"ratio_1_thread": 1.4})
+    step = quantize("digits_mlp", "speed=auto").steps[-1]
+    assert step["status"] == "no-op"
+    reason = next(n for n in step["notes"] if "left float" in n)
+    assert "whole model 1.40x fp32" in reason
+    assert "each of the 3 quantized node(s) profiled slower" in reason
+    assert "): ;" not in reason
+
+
 # ---------------------------------------------------------------------------- vs the tool
 
 

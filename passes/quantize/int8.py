@@ -394,10 +394,7 @@ class QuantizeInt8Pass(Pass):
             job.record("speed", outcome)
             built = outcome.built
             if not built.plan.core():
-                return job.unchanged(
-                    "speed=auto: int8 is not faster than fp32 here (profiled per node, "
-                    f"whole model {outcome.ratio:.2f}x fp32): {outcome.why}; model left float"
-                )
+                return job.unchanged(speed.speed_auto_reason(outcome))
             job.timing = outcome.timing
         replace_contents(graph, built.graph)
         return job.finish(graph, built)

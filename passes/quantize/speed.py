@@ -199,6 +199,21 @@ def _time(outcome: SpeedOutcome, ctx: PassContext, float_graph: gs.Graph) -> Non
     outcome.ratio = outcome.timing.get("ratio_1_thread", float("nan"))
 
 
+def speed_auto_reason(outcome: SpeedOutcome) -> str:
+    """Why speed=auto left the whole model float: every node profiled slower in int8,
+    or the whole int8 model still timed slower (and what onnxruntime added to it)."""
+    if not outcome.why:
+        return (
+            f"speed=auto: int8 is not faster than fp32 here (whole model "
+            f"{outcome.first_ratio:.2f}x fp32, and each of the {len(outcome.kept_float)} "
+            "quantized node(s) profiled slower in int8 than in fp32); model left float"
+        )
+    return (
+        "speed=auto: int8 is not faster than fp32 here (profiled per node, whole model "
+        f"{outcome.ratio:.2f}x fp32): {outcome.why}; model left float"
+    )
+
+
 def slow_reasons(fp32_ops: dict[str, int], int8_ops: dict[str, int]) -> str:
     """What onnxruntime runs in the int8 graph beside its integer kernels, against the
     fp32 graph: layout Transposes, float ops between Q/DQ, unfused Q/DQ."""
