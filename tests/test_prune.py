@@ -686,3 +686,43 @@ def test_auto_search_frees_each_candidate_before_the_next():
         gc.enable()
     assert len(step["details"]["auto_curve"]) >= 5
     assert peak < 6 * model_bytes, peak / model_bytes  # 10x when each candidate stays
+
+
+def _embedding_model(tmp_path) -> tuple[onnx.ModelProto, str]:
+    """ids -> Gather(table [50, 32]) -> MatMul(W [32, 8]), with rows of the table at
+    very different norms (rare tokens small), and a data file of token ids."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((50, 32)).astype(np.float32)
+    table *= np.geomspace(0.01, 1.0, 50, dtype=np.float32)[:, None]
+    w = rng.standard_normal((32, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["T", "ids"], ["e"], name="embed"),
+            helper.make_node("MatMul", ["e", "W"], ["y"], name="mm"),
+        ],
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8])],
+        [numpy_helper.from_array(table, "T"), numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    data = tmp_path / "ids.npz"
+    np.savez(data, ids=rng.integers(0, 50, size=(24, 4)).astype(np.int64))
+    return model, str(data)
+
+
+def test_embedding_table_loses_the_same_share_of_every_row(tmp_path):
+    """Calibrated methods prune a Gather table per gathered row: every token keeps half
+    its features, its largest |w|. Magnitude stays per tensor: the small rows go."""
+    model, data = _embedding_model(tmp_path)
+    table = numpy_helper.to_array(model.graph.initializer[0])
+    for method in ("sparsegpt", "wanda"):
+        result = optimize(model, f"prune-initializers(method={method},min_size=0)", data=data)
+        pruned = weights(result.model)["T"]
+        assert [int(n) for n in (pruned == 0).sum(axis=1)] == [16] * 50, method
+        kept = np.abs(table) >= np.sort(np.abs(table), axis=1)[:, 16:17]
+        np.testing.assert_array_equal(pruned != 0, kept)
+        np.testing.assert_array_equal(pruned[kept], table[kept])  # no refit of a table
+    result = optimize(model, "prune-initializers(method=magnitude,min_size=0)", data=data)
+    zeros = (weights(result.model)["T"] == 0).sum(axis=1)
+    assert zeros.sum() == 50 * 16 and zeros[0] == 32 and zeros[-1] < 16

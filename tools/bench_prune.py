@@ -113,8 +113,9 @@ def zoo_rows(models: list[str], patterns: set[str], timeout: float, vs: str | No
                 spec = dict(base, pipeline=pipeline, budget="none", out=f"{tmp}/{model}.onnx")
                 limit = timeout if python is None else min(timeout, OLD_TIMEOUT)
                 rec = bench_zoo.run_child("onnxopt", spec, limit, python)
-                anchors.append(bench_zoo.run_child("anchor", anchor_spec, timeout)["wall"])
-                records[cell] = dict(rec, anchor=float(np.mean(anchors[-2:])))
+                anchor = bench_zoo.run_child("anchor", anchor_spec, timeout)
+                anchors.append(anchor.get("wall", np.nan))  # a failed anchor: its neighbour
+                records[cell] = dict(rec, anchor=float(np.nanmean(anchors[-2:])))
             load = os.getloadavg()[0]
             line = f"| {model} | quantize_static (anchor) | median {np.nanmedian(anchors):.1f} "
             line += f"of {len(anchors)} | 1.00 | | | | | | load {load:.1f} |"

@@ -14,7 +14,8 @@ decides *which* and refits, by ``method``:
 ``reconstruct=true`` refits the kept weights of a magnitude or Wanda mask the same way
 (sweep with a fixed mask, then polish). ``threshold`` fixes the mask (``|w| < t``) for
 every method. Weights that cannot be refitted (Gather tables, batched MatMul weights,
-no calibration samples...) are pruned by magnitude, with a note saying why.
+no calibration samples...) are pruned by magnitude, with a note saying why; an
+embedding table by magnitude per gathered row (every token keeps the same share).
 """
 
 from __future__ import annotations
@@ -127,6 +128,21 @@ class Pruner:
         _zero_by_magnitude(values, target, request)
         self._keep_if_changed(target, values, zeros)
 
+    def _table_rows(self, target: WeightTarget, request: Request) -> None:
+        """An embedding table under a calibrated method: every gathered row (one token,
+        one position) loses its own share of its smallest ``|w|``. Per tensor, rows of
+        small norm (rare tokens) would lose nearly everything and others nothing; each
+        row is a whole input vector of the next layer. MiniLM at 50 %: output SQNR 6.7 ->
+        7.7 dB (docs/passes/prune.md)."""
+        values = owned_values(target.tensor)
+        zeros = count_zeros(values)
+        rows = target.layout.to_rows(values)
+        scores = np.abs(rows)
+        scores[rows == 0] = -1.0  # zeros the table already has go first
+        mask = lowest_per_row(scores, spread(request.counts.get(target.name, 0), rows.shape[0]))
+        rows[mask] = 0
+        self._keep_if_changed(target, np.ascontiguousarray(target.layout.from_rows(rows)), zeros)
+
     # -------------------------------------------------------------- calibrated
 
     def _calibrated(self, request: Request) -> None:
@@ -153,7 +169,10 @@ class Pruner:
         else:
             self._collect_and_apply(plans, request)
         for target in fallback:  # after collecting: statistics come from the unpruned model
-            self._magnitude(target, request)
+            if target.op == "Gather" and request.kind == "sparsity" and target.layout:
+                self._table_rows(target, request)
+            else:
+                self._magnitude(target, request)
         self.outcome.stats.sort(key=lambda s: order[s["tensor"]])
 
     def _collect_and_apply(self, plans: list[refitting.Plan], request: Request) -> None:
