@@ -879,3 +879,48 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "onnxopt: error: --python: Python interpreter '/nope/python' not found"
     )
+
+
+def test_distill_alone_is_a_no_op_before_any_training(monkeypatch):
+    """Nothing lost before it and no labels: the student is the original, so the step
+    says so without starting the adjunct (which would cost 50 s on PP-OCRv4 det)."""
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started although nothing can change")
+
+    monkeypatch.setattr(api, "distill", no_training)
+    step = onnxopt.optimize(
+        model_path("digits_mlp"), "distill", data=str(TRAIN), calibration_samples=8
+    ).steps[-1]
+    assert step["status"] == "no-op"
+    assert any("already computes exactly what the original does" in n for n in step["notes"])
+
+
+def test_distill_without_float_parameters_is_a_no_op_naming_the_branches(monkeypatch):
+    """Weights inside If branches only (Silero VAD's layout): a no-op with the reason,
+    not a usage error that stops the pipeline."""
+    monkeypatch.setattr(api, "distill", lambda *a, **k: pytest.fail("training started"))
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["b"])], "branch", [],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 4])], [w],
+    )  # fmt: skip
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["c"])], "other", [],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 4])],
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+            helper.make_node("Greater", ["s", "zero"], ["cond"]),
+            helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=other),
+        ],
+        "if_model",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.zeros((), np.float32), "zero")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    step = onnxopt.optimize(model, "distill", budget="none", calibration_samples=4).steps[-1]
+    assert step["status"] == "no-op"
+    assert any("no float32 parameters to train in its main graph" in n for n in step["notes"])

@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -217,9 +218,15 @@ def child_anchor(spec: dict) -> dict:
         def get_next(self):
             return next(self.it, None)
 
+    # quantize_static may write "<model>-inferred.onnx" beside its input: work on a
+    # private copy, so that two benches on one cached model cannot race on that file
+    # (a MiniLM anchor once failed with FileNotFoundError that way).
+    private = Path(tempfile.mkdtemp(prefix="onnxopt-anchor-"))
+    source = private / Path(spec["model"]).name
+    shutil.copyfile(spec["model"], source)
     start = time.perf_counter()
     quantize_static(
-        spec["model"],
+        str(source),
         spec["out"],
         Reader(),
         quant_format=QuantFormat.QDQ,
@@ -227,7 +234,9 @@ def child_anchor(spec: dict) -> dict:
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
     )
-    return {"wall": time.perf_counter() - start, "rss_mb": _peak_rss_mb()}
+    wall = time.perf_counter() - start
+    shutil.rmtree(private, ignore_errors=True)
+    return {"wall": wall, "rss_mb": _peak_rss_mb()}
 
 
 # ----------------------------------------------------------------------------- parent
@@ -489,7 +498,7 @@ def main(argv=None) -> int:
                 rec = run_child("onnxopt", spec, args.timeout)
                 if args.anchor == "interleaved":
                     anchors.append(measure_anchor())
-                    anchor = float(np.mean(anchors[-2:]))
+                    anchor = float(np.nanmean(anchors[-2:]))  # a failed anchor: its neighbour
                 else:
                     anchor = anchors[0]
                 print(
