@@ -143,6 +143,7 @@ def to_model(
     model = gs.export_onnx(graph, do_type_check=False)
     _restore_input_defaults(model, template)
     _hoist_outer_initializers(model, template)
+    _share_body_initializers(model.graph)
     model.doc_string = template.doc_string
     model.domain = template.domain
     model.model_version = template.model_version
@@ -217,6 +218,49 @@ def _hoist_from(body: onnx.GraphProto, main: onnx.GraphProto, outer: set[str], p
         for attr in node.attribute:
             for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
                 _hoist_from(sub, main, outer, present)
+
+
+def _bodies(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    for node in graph.node:
+        for attr in node.attribute:
+            yield from [attr.g] if attr.HasField("g") else attr.graphs
+
+
+def _share_body_initializers(graph: onnx.GraphProto) -> dict[str, list]:
+    """One copy of a constant that graphsurgeon exported into several bodies.
+
+    A weight that was a ``Constant`` node of a body (Silero VAD's LSTM weights, inside
+    an ``If`` branch) and that nested bodies read from the outer scope is exported as an
+    initializer *of each nested body* once a pass has made it a graphsurgeon constant:
+    remove-neurons made silero_vad.onnx 1.38x larger that way. Identical initializers of
+    one name found in the bodies of two or more of ``graph``'s nodes or attributes move
+    to ``graph`` itself, the closest scope all their readers see. Returns the
+    initializers below ``graph`` that were left in place, by name (for the caller)."""
+    found: dict[str, list] = {}
+    for body in _bodies(graph):
+        below = _share_body_initializers(body)
+        for init in body.initializer:
+            below.setdefault(init.name, []).append((body, init))
+        for name, places in below.items():
+            found.setdefault(name, []).append(places)
+    declared = {t.name for t in graph.initializer}
+    left: dict[str, list] = {}
+    for name, groups in found.items():
+        places = [place for group in groups for place in group]
+        first = places[0][1].SerializeToString()
+        if (
+            len(groups) < 2
+            or name in declared
+            or any(init.SerializeToString() != first for _, init in places[1:])
+        ):
+            left[name] = places
+            continue
+        graph.initializer.append(places[0][1])
+        for body, _ in places:
+            kept = [t for t in body.initializer if t.name != name]
+            del body.initializer[:]
+            body.initializer.extend(kept)
+    return left
 
 
 def replace_contents(graph: gs.Graph, source: gs.Graph) -> None:
