@@ -319,9 +319,11 @@ HEADER = (
 def _short_status(rec: dict, limit: int = 70) -> str:
     """One cell: the worst step status, with the first reason, ``|`` escaped."""
     if "error" in rec:
-        text = f"CRASH: {rec['error']}"
+        clear = "onnxopt.errors." in rec["error"]  # a clear error, not a crash
+        text = f"{'error' if clear else 'CRASH'}: {rec['error']}"
     else:
-        order = ("failed", "rolled back", "no-op", "accepted")
+        # a pipeline that changed something is "accepted" even if a step was a no-op
+        order = ("failed", "rolled back", "accepted", "no-op")
         steps = rec.get("steps") or [{"status": "?", "reason": ""}]
         worst = min(steps, key=lambda s: order.index(s["status"]) if s["status"] in order else 0)
         text = worst["status"]
@@ -345,7 +347,10 @@ def table(records: list[dict]) -> str:
     under 60 dB)."""
     cells: dict[tuple[str, str, str | None], dict] = {}
     order: list[tuple[str, str]] = []
+    anchors: dict[str, list[dict]] = {}
     for rec in records:
+        if rec.get("family") == "anchor" and "wall" in rec:
+            anchors.setdefault(rec["name"], []).append(rec)
         if rec.get("family") in (None, "anchor"):
             continue
         key = (rec["name"], rec["family"])
@@ -357,7 +362,8 @@ def table(records: list[dict]) -> str:
         "| SQNR dB / cosine; task | `--budget none`: size × fp32, SQNR / cosine; task |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, family in order:
+    for number, (name, family) in enumerate(order):
+        last = number + 1 == len(order) or order[number + 1][0] != name
         rec = cells.get((name, family, None))
         if rec is None:
             continue
@@ -389,6 +395,13 @@ def table(records: list[dict]) -> str:
             f"| {name} | {family} | {_short_status(rec)} | {timing} | {rss} | {size} | "
             f"{fid} | {other} |"
         )
+        if last and anchors.get(name):  # the reference tool's own cost, for scale
+            walls = [a["wall"] for a in anchors[name]]
+            peak = max(a.get("rss_mb", 0.0) for a in anchors[name])
+            lines.append(
+                f"| {name} | *ORT quantize_static* | anchor, {len(walls)} runs | "
+                f"{float(np.median(walls)):.1f} (1.00) | {peak:.0f} | | | |"
+            )
     return "\n".join(lines)
 
 
