@@ -5,6 +5,8 @@ stubs."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import onnx
 from onnx import TensorProto
 
@@ -23,6 +25,16 @@ for _name in ("FLOAT4E2M1", "INT2", "UINT2"):
 
 def is_external(tensor: TensorProto) -> bool:
     return tensor.data_location == TensorProto.EXTERNAL
+
+
+def main_graph_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """The main graph's initializers, then the tensor attributes of its nodes (Constant
+    values); not subgraphs, sparse tensors or tensor lists."""
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
 
 
 def tensor_nbytes(tensor: TensorProto) -> int:

@@ -40,6 +40,7 @@ from onnxopt import runtime
 from onnxopt.check import LOSSLESS_BUDGET, compare_outputs
 from onnxopt.errors import ModelError, UsageError, first_line
 from onnxopt.model import opset_version
+from onnxopt.protos import main_graph_tensors
 from onnxopt.train import coverage as op_coverage
 from onnxopt.train import rewrites
 from onnxopt.train import student as student_graph
@@ -180,7 +181,7 @@ def _convert_opset(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto,
 
 
 def _lower_ir(model: onnx.ModelProto, ir: int) -> None:
-    newest = max((t.data_type for t in _all_tensors(model)), default=0)
+    newest = max((t.data_type for t in main_graph_tensors(model)), default=0)
     if newest > MAX_TENSOR_TYPE:
         name = onnx.TensorProto.DataType.Name(newest)
         raise UsageError(
@@ -188,14 +189,6 @@ def _lower_ir(model: onnx.ModelProto, ir: int) -> None:
             "onnxruntime-training reads; distill before converting weights to it"
         )
     model.ir_version = ir
-
-
-def _all_tensors(model: onnx.ModelProto):
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
 
 
 def _check(model, trainable, base, samples) -> None:

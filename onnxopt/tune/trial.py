@@ -38,6 +38,8 @@ from typing import Any
 
 import onnx
 
+from onnxopt.protos import main_graph_tensors
+
 STATUS_OK = "ok"
 STATUS_OVER = "over budget"
 STATUS_ERROR = "error"
@@ -83,20 +85,12 @@ def model_files(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     proto = onnx.load(str(path), load_external_data=False)
     names: list[str] = []
-    for tensor in _tensors(proto):
+    for tensor in main_graph_tensors(proto):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = next((e.value for e in tensor.external_data if e.key == "location"), None)
             if location and location not in names:
                 names.append(location)
     return [path] + [path.parent / name for name in names]
-
-
-def _tensors(proto: onnx.ModelProto):
-    yield from proto.graph.initializer
-    for node in proto.graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
 
 
 def files_size(paths: list[Path]) -> int:
