@@ -148,7 +148,7 @@ def _cover(
     path = op_coverage.trainable_path(graph, trainable, targets)
     nodes = []
     for position, node, upstream in path:
-        status, reason = op_coverage.classify(node, lambda n: rewrites.why_not(graph, n))
+        status, reason = op_coverage.classify(node, rewrites.why_not)
         nodes.append(op_coverage.PathNode(node.op, node.name, position, status, reason, upstream))
     coverage = op_coverage.Coverage(nodes, len(graph.nodes))
     blocked = [n for n in nodes if n.status == "none"]

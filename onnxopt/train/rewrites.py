@@ -37,45 +37,64 @@ Ops that need no rewrite (probed): Erf, Gelu, Where, Clip with tensor bounds,
 ReduceMean with axes as attribute or input, Pad in constant mode, LayerNormalization
 (once it exposes its statistics, a training edit of ``student.py``).
 
-Every rewrite targets opsets 13-21 (the training copy's range) and returns ``None``
-when it applied, or the reason it does not apply to that node.
+Every rewrite targets opsets 13-21 (the training copy's range). It is a ``check``
+(``None`` when it applies to a node, else the reason it does not) and a ``build`` that
+appends the replacing nodes to a :class:`_Builder`.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-Rewrite = Callable[[gs.Graph, gs.Node, bool], "str | None"]
+Check = Callable[[gs.Node], "str | None"]
+Build = Callable[["_Builder", gs.Node], None]
+
+
+class Rewrite(NamedTuple):
+    check: Check  # None when the rewrite applies to the node, else why not
+    build: Build  # appends the nodes that replace it
+
+
 REWRITES: dict[str, Rewrite] = {}
 
 
-def training_rewrite(op: str):
-    """Register ``function(graph, node, apply) -> reason | None`` for ``op``; with
-    ``apply=False`` it only says whether it would apply."""
+def _applies(node: gs.Node) -> str | None:
+    return None
 
-    def register(function: Rewrite) -> Rewrite:
+
+def training_rewrite(op: str, check: Check = _applies):
+    """Register ``build(b, node)`` as the training form of ``op``, for the nodes on
+    which ``check(node)`` returns None."""
+
+    def register(build: Build) -> Build:
         if op in REWRITES:
             raise ValueError(f"duplicate training rewrite for {op}")
-        REWRITES[op] = function
-        return function
+        REWRITES[op] = Rewrite(check, build)
+        return build
 
     return register
 
 
-def why_not(graph: gs.Graph, node: gs.Node) -> str | None:
+def why_not(node: gs.Node) -> str | None:
     """None when a rewrite applies to ``node``; else why not ("" when none exists)."""
-    rewrite = REWRITES.get(node.op)
-    return "" if rewrite is None else rewrite(graph, node, False)
+    entry = REWRITES.get(node.op)
+    return "" if entry is None else entry.check(node)
 
 
 def rewrite(graph: gs.Graph, node: gs.Node) -> bool:
     """Replace ``node`` by its training form; False when no rewrite applies."""
-    function = REWRITES.get(node.op)
-    return function is not None and function(graph, node, True) is None
+    entry = REWRITES.get(node.op)
+    if entry is None or entry.check(node) is not None:
+        return False
+    b = _Builder(graph, node)
+    entry.build(b, node)
+    b.replace(node)
+    return True
 
 
 # ---------------------------------------------------------------------------- building
@@ -124,99 +143,79 @@ def _single_output(node: gs.Node) -> str | None:
     return None if len(node.outputs) == 1 else f"{len(node.outputs)} outputs"
 
 
+def _first_failure(checks: list[tuple[bool, str]]) -> str | None:
+    """The reason of the first check that is not ok; None when all are."""
+    return next((reason for ok, reason in checks if not ok), None)
+
+
 # ---------------------------------------------------------------------------- activations
 
 
 @training_rewrite("HardSigmoid")
-def _hard_sigmoid(graph, node, apply):
-    if not apply:
-        return None
-    b = _Builder(graph, node)
+def _hard_sigmoid(b: _Builder, node: gs.Node) -> None:
     alpha, beta = node.attrs.get("alpha", 0.2), node.attrs.get("beta", 0.5)
     scaled = b.op("Add", [b.op("Mul", [node.inputs[0], b.const(alpha)]), b.const(beta)])
     b.op("Clip", [scaled, b.const(0.0), b.const(1.0)], out=node.outputs[0])
-    b.replace(node)
-    return None
 
 
 @training_rewrite("HardSwish")
-def _hard_swish(graph, node, apply):
-    if not apply:
-        return None
-    b = _Builder(graph, node)
+def _hard_swish(b: _Builder, node: gs.Node) -> None:
     x = node.inputs[0]
     gate = b.op("Add", [b.op("Mul", [x, b.const(1.0 / 6.0)]), b.const(0.5)])
     gate = b.op("Clip", [gate, b.const(0.0), b.const(1.0)])
     b.op("Mul", [x, gate], out=node.outputs[0])
-    b.replace(node)
-    return None
 
 
 @training_rewrite("PRelu")
-def _prelu(graph, node, apply):
-    if not apply:
-        return None
-    b = _Builder(graph, node)
+def _prelu(b: _Builder, node: gs.Node) -> None:
     x, slope = node.inputs[:2]
-    return _relu_plus(b, node, x, b.op("Mul", [slope, b.op("Min", [x, b.const(0.0)])]))
+    _relu_plus(b, node, x, b.op("Mul", [slope, b.op("Min", [x, b.const(0.0)])]))
 
 
-def _relu_plus(b, node, x, rest):
+def _relu_plus(b: _Builder, node: gs.Node, x: gs.Tensor, rest: gs.Tensor) -> None:
     """``node``'s output becomes Relu(x) + rest (PRelu, Softplus, Elu)."""
     b.op("Add", [b.op("Relu", [x]), rest], out=node.outputs[0])
-    b.replace(node)
-    return None
 
 
 @training_rewrite("Softplus")
-def _softplus(graph, node, apply):
-    if not apply:
-        return None
-    b = _Builder(graph, node)
+def _softplus(b: _Builder, node: gs.Node) -> None:
     x = node.inputs[0]
     tail = b.op("Exp", [b.op("Neg", [b.op("Abs", [x])])])
-    return _relu_plus(b, node, x, b.op("Log", [b.op("Add", [tail, b.const(1.0)])]))
+    _relu_plus(b, node, x, b.op("Log", [b.op("Add", [tail, b.const(1.0)])]))
 
 
 @training_rewrite("Elu")
-def _elu(graph, node, apply):
-    if not apply:
-        return None
-    b = _Builder(graph, node)
+def _elu(b: _Builder, node: gs.Node) -> None:
     x = node.inputs[0]
     negative = b.op("Sub", [b.op("Exp", [b.op("Min", [x, b.const(0.0)])]), b.const(1.0)])
-    return _relu_plus(b, node, x, b.op("Mul", [negative, b.const(node.attrs.get("alpha", 1.0))]))
+    _relu_plus(b, node, x, b.op("Mul", [negative, b.const(node.attrs.get("alpha", 1.0))]))
 
 
-def _variadic(graph, node, apply, mean: bool):
+def _has_inputs(node: gs.Node) -> str | None:
+    return None if any(t.name for t in node.inputs) else "no inputs"
+
+
+def _add_up(b: _Builder, node: gs.Node, mean: bool) -> None:
     inputs = [t for t in node.inputs if t.name]
-    if not inputs:
-        return "no inputs"
-    if not apply:
-        return None
-    b = _Builder(graph, node)
     if len(inputs) == 1:
         b.op("Identity", inputs, out=node.outputs[0])
-        b.replace(node)
-        return None
+        return
     total = inputs[0]
     for index, tensor in enumerate(inputs[1:], start=2):
         last = index == len(inputs) and not mean
         total = b.op("Add", [total, tensor], out=node.outputs[0] if last else None)
     if mean:
         b.op("Mul", [total, b.const(1.0 / len(inputs))], out=node.outputs[0])
-    b.replace(node)
-    return None
 
 
-@training_rewrite("Sum")
-def _sum(graph, node, apply):
-    return _variadic(graph, node, apply, mean=False)
+@training_rewrite("Sum", check=_has_inputs)
+def _sum(b: _Builder, node: gs.Node) -> None:
+    _add_up(b, node, mean=False)
 
 
-@training_rewrite("Mean")
-def _mean(graph, node, apply):
-    return _variadic(graph, node, apply, mean=True)
+@training_rewrite("Mean", check=_has_inputs)
+def _mean(b: _Builder, node: gs.Node) -> None:
+    _add_up(b, node, mean=True)
 
 
 # ---------------------------------------------------------------------------- resampling
@@ -235,8 +234,7 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-@training_rewrite("Resize")
-def _resize(graph, node, apply):
+def _resize_check(node: gs.Node) -> str | None:
     mode = _text(node.attrs.get("mode", "nearest"))
     coords = _text(node.attrs.get("coordinate_transformation_mode", "half_pixel"))
     nearest = _text(node.attrs.get("nearest_mode", "round_prefer_floor"))
@@ -251,13 +249,20 @@ def _resize(graph, node, apply):
         return "scales are not a constant (sizes, or computed at run time)"
     if len(node.inputs) > 3 and node.inputs[3].name:
         return "sizes are given"
-    factors = np.asarray(scales, dtype=np.float64).round().astype(np.int64)
+    factors = _resize_factors(scales)
     if np.any(factors < 1) or not np.allclose(factors, scales):
         return f"scales {scales.tolist()} are not integers >= 1"
-    if not apply:
-        return None
-    b = _Builder(graph, node)
+    return None
+
+
+def _resize_factors(scales: np.ndarray) -> np.ndarray:
+    return np.asarray(scales, dtype=np.float64).round().astype(np.int64)
+
+
+@training_rewrite("Resize", check=_resize_check)
+def _resize(b: _Builder, node: gs.Node) -> None:
     x = node.inputs[0]
+    factors = _resize_factors(_const_value(node.inputs[2]))
     upsampled = [axis for axis, f in enumerate(factors) if f > 1]
     # [.., H, W] -> [.., H, 1, W, 1] -> expand to [.., H, sH, W, sW] -> [.., H*sH, W*sW]
     positions = [axis + 1 + k for k, axis in enumerate(upsampled)]
@@ -268,15 +273,17 @@ def _resize(graph, node, apply):
     repeated = b.op("Expand", [unsqueezed, b.ints(expand)])
     shape = b.op("Mul", [b.op("Shape", [x], dtype=np.int64), b.ints(factors)], dtype=np.int64)
     b.op("Reshape", [repeated, shape], out=node.outputs[0])
-    b.replace(node)
-    return None
 
 
-@training_rewrite("AveragePool")
-def _average_pool(graph, node, apply):
-    x = node.inputs[0]
+def _pool_window(node: gs.Node) -> tuple[list[int], list[int]]:
+    """AveragePool's kernel and pads ([0] when it has none)."""
     kernel = [int(k) for k in node.attrs.get("kernel_shape", [])]
-    pads = list(node.attrs.get("pads", [0] * 2 * len(kernel)) or [0])
+    return kernel, list(node.attrs.get("pads", [0] * 2 * len(kernel)) or [0])
+
+
+def _average_pool_check(node: gs.Node) -> str | None:
+    x = node.inputs[0]
+    _, pads = _pool_window(node)
     checks = [
         (x.shape is not None and len(x.shape) >= 3, "the input rank is unknown"),
         (x.shape is not None and isinstance(x.shape[1], int), "the channel count is unknown"),
@@ -285,12 +292,13 @@ def _average_pool(graph, node, apply):
         (not any(pads) or node.attrs.get("count_include_pad", 0), "pads without count_include_pad"),
         (_text(node.attrs.get("auto_pad", "NOTSET")) in ("NOTSET", "VALID"), "auto_pad"),
     ]
-    for ok, reason in checks:
-        if not ok:
-            return reason
-    if not apply:
-        return None
-    b = _Builder(graph, node)
+    return _first_failure(checks)
+
+
+@training_rewrite("AveragePool", check=_average_pool_check)
+def _average_pool(b: _Builder, node: gs.Node) -> None:
+    x = node.inputs[0]
+    kernel, pads = _pool_window(node)
     channels = int(x.shape[1])
     weight = np.full((channels, 1, *kernel), 1.0 / float(np.prod(kernel)), np.float32)
     attrs = {
@@ -300,12 +308,9 @@ def _average_pool(graph, node, apply):
         "group": channels,
     }
     b.op("Conv", [x, b.const(weight)], out=node.outputs[0], **attrs)
-    b.replace(node)
-    return None
 
 
-@training_rewrite("ConvTranspose")
-def _conv_transpose(graph, node, apply):
+def _conv_transpose_check(node: gs.Node) -> str | None:
     weight = node.inputs[1]
     if weight.shape is None or len(weight.shape) != 4:
         return "not a 2-D ConvTranspose with a known weight shape"
@@ -320,15 +325,13 @@ def _conv_transpose(graph, node, apply):
         ("output_shape" not in node.attrs, "output_shape"),
         (_text(node.attrs.get("auto_pad", "NOTSET")) in ("NOTSET", "VALID"), "auto_pad"),
     ]
-    for ok, reason in checks:
-        if not ok:
-            return reason
-    if not apply:
-        return None
-    b = _Builder(graph, node)
-    x = node.inputs[0]
-    cin, cout = int(weight.shape[0]), int(weight.shape[1])
-    kh, kw = kernel
+    return _first_failure(checks)
+
+
+@training_rewrite("ConvTranspose", check=_conv_transpose_check)
+def _conv_transpose(b: _Builder, node: gs.Node) -> None:
+    x, weight = node.inputs[:2]
+    cin, cout, kh, kw = (int(d) for d in weight.shape)
     # y[n, o, i*kh + a, j*kw + c] = sum_ci x[n, ci, i, j] * W[ci, o, a, c]
     matrix = b.op("Reshape", [weight, b.ints([cin, cout * kh * kw])])
     rows = b.op("Transpose", [x], perm=[0, 2, 3, 1])  # [N, H, W, Cin]
@@ -344,15 +347,12 @@ def _conv_transpose(graph, node, apply):
         b.op("Add", [out, bias], out=node.outputs[0])
     else:
         b.op("Reshape", [shuffled, shape], out=node.outputs[0])
-    b.replace(node)
-    return None
 
 
 # ---------------------------------------------------------------------------- recurrent
 
 
-@training_rewrite("LSTM")
-def _lstm(graph, node, apply):
+def _lstm_check(node: gs.Node) -> str | None:
     x = node.inputs[0]
     checks = [
         (_text(node.attrs.get("direction", "forward")) == "forward", "direction is not forward"),
@@ -365,14 +365,15 @@ def _lstm(graph, node, apply):
         (x.shape is not None and isinstance(x.shape[0], int), "the sequence length is dynamic"),
         (x.shape is not None and isinstance(x.shape[-1], int), "the input size is unknown"),
     ]
-    for ok, reason in checks:
-        if not ok:
-            return reason
-    if int(x.shape[0]) > 256:
+    reason = _first_failure(checks)
+    if reason is None and int(x.shape[0]) > 256:
         return f"sequence length {x.shape[0]} > 256 (unrolled per step)"
-    if not apply:
-        return None
-    b = _Builder(graph, node)
+    return reason
+
+
+@training_rewrite("LSTM", check=_lstm_check)
+def _lstm(b: _Builder, node: gs.Node) -> None:
+    x = node.inputs[0]
     hidden = int(node.attrs["hidden_size"])
     size = int(x.shape[2])
     # Reshape + Gemm(transB=1), not Squeeze + Transpose: the latter on a trained tensor
@@ -414,8 +415,6 @@ def _lstm(graph, node, apply):
         b.op("Unsqueeze", [h, b.ints([0])], out=y_h)
     if y_c is not None:
         b.op("Unsqueeze", [c, b.ints([0])], out=y_c)
-    b.replace(node)
-    return None
 
 
 def _initial_state(b: _Builder, node: gs.Node, index: int):
