@@ -59,7 +59,8 @@ PIPELINES = (
     "remove-dead-neurons",
     "remove-neurons(ratio=0.25)",
     "share-weights",
-    "share-weights(granularity=channel,scope=weights)",
+    "share-weights(bits=4)",
+    "share-weights(bits=4,granularity=channel,scope=weights)",
     "upgrade-opset",
     "upgrade-opset(target=21)",
 )
@@ -166,14 +167,21 @@ PINS: dict[str, dict[str, str]] = {
         "transformer": "09549442dfecbb5bb3d194fbf3c7e10dd0c9e56a2e5ce867a7df69a3f9302d9b",
         "op11": "6735d7eb38e36663ce23108a94758451fe9991f69719f9897633c8e4040f5dda",
     },
-    "share-weights": {
+    "share-weights": {  # bits=auto (the default since 2026-12-06)
+        "mlp": "eabcaa4f5a13b2c8a0ab5eb21815e1d456811d14ad527938d87cac784aacbecb",
+        # BatchNorm folded first (share-weights requires fold-batchnorm)
+        "cnn": "9a65632a9835270bf9078ba9b76ab879ae53343ba715732d3aed2669d9912c6e",
+        "transformer": "310c78ee0789cb74fbd8b188b1cc832bb24fda1cab74bbe2afdac9cdf51cefde",
+        "op11": "eabcaa4f5a13b2c8a0ab5eb21815e1d456811d14ad527938d87cac784aacbecb",
+    },
+    "share-weights(bits=4)": {  # the default before bits=auto
         "mlp": "820d39fb7c514850248c5b9e85c506a4de40bfc50e522840736bc5b8033cea01",
         # BatchNorm folded first (share-weights requires fold-batchnorm)
         "cnn": "0cac6f828b798760f296a9832e559a8946aeb1432774783cd5c5988dc51ba3cd",
         "transformer": "e8ce4120ce7d7155f51d940e3019388c76409eefc540fa11c5a7f752b772f94b",
         "op11": "820d39fb7c514850248c5b9e85c506a4de40bfc50e522840736bc5b8033cea01",
     },
-    "share-weights(granularity=channel,scope=weights)": {
+    "share-weights(bits=4,granularity=channel,scope=weights)": {
         "mlp": "0fd27640239f9ff11941af89eaa7e5887379980cbee845f65d94ef5d1e376e60",
         # BatchNorm folded first (share-weights requires fold-batchnorm)
         "cnn": "73e557795ccca69fc183de6bf6c656c75ac370d998c9b1065d56e835e13e71fb",

@@ -35,7 +35,9 @@ def load(name: str) -> onnx.ModelProto:
 
 
 def apply(model: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, PassResult]:
-    """Run share-weights directly on ``model`` (no checks), as the PassManager would."""
+    """Run share-weights directly on ``model`` (no checks), as the PassManager would;
+    4 bits unless told (bits=auto, the default, needs the manager's checks)."""
+    options.setdefault("bits", 4)
     return apply_pass("share-weights", model, **options)
 
 

@@ -20,7 +20,9 @@ from onnxopt.runtime import make_session, run_samples, with_outputs
 
 
 def share(model: onnx.ModelProto, calibration=(), **options):
-    """Run share-weights on ``model`` with ``calibration`` feeds; ``(model, result)``."""
+    """Run share-weights on ``model`` with ``calibration`` feeds; ``(model, result)``
+    (4 bits unless told: bits=auto, the default, needs the manager's checks)."""
+    options.setdefault("bits", 4)
     cls = get_pass("share-weights")
     ctx = PassContext(
         calibration=list(calibration),

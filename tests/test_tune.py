@@ -76,7 +76,10 @@ def test_every_point_is_a_checked_model_within_budget(searched):
 def test_trials_list_everything_and_flag_the_front(searched):
     outdir, pareto = searched
     pipelines = [t["pipeline"] for t in pareto["trials"]]
-    assert pipelines[:2] == ["share-weights,cleanup", "quantize-int8(latency=false),cleanup"]
+    assert pipelines[:2] == [
+        "share-weights(bits=4),cleanup",
+        "quantize-int8(latency=false),cleanup",
+    ]
     on_front = {p["trial"] for p in pareto["points"]}
     assert {t["trial"] for t in pareto["trials"] if t["pareto"]} == on_front
     for trial in pareto["trials"]:

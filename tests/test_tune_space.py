@@ -70,7 +70,7 @@ def test_anchors_try_each_family_alone_and_distill_after_structure():
         'fold-batchnorm,remove-neurons(ratio=0.1,budget="none"),distill(epochs=5),cleanup,compact',
         "fold-batchnorm,prune-initializers(sparsity=0.5),cleanup,compact",
         "fold-batchnorm,quantize-int8(latency=false),cleanup,compact",
-        "fold-batchnorm,share-weights,cleanup,compact",
+        "fold-batchnorm,share-weights(bits=4),cleanup,compact",
         "fold-batchnorm,quantize-int4,cleanup,compact",
     ]
 

@@ -1,8 +1,11 @@
 """``share-weights`` — codebook weight sharing with 1-D k-means (lossy, Deep Compression style).
 
 Rewrite: the values of each eligible weight ``W`` are clustered into ``K = 2**bits``
-shared values. ``W`` is then stored as integer *indices* plus a small float *codebook*,
-and rebuilt in front of its consumers (``passes/codebook/rewrite.py``)::
+shared values (``bits=auto``, the default: a width per weight, 2..8 or float16, the
+smallest file that meets the step's budget, ``passes/codebook/auto.py``; ``bits=4``
+under the default budget was rolled back on four of the five zoo models). ``W`` is
+then stored as integer *indices* plus a small float *codebook*, and rebuilt in front
+of its consumers (``passes/codebook/rewrite.py``)::
 
     tensor:   W = Gather(codebook[K], Cast<int32>(indices))
     channel:  W = Gather(codebook[C*K], Add(Cast<int32>(indices), offsets))
@@ -141,9 +144,10 @@ class ShareWeightsPass(Pass):
     @dataclass
     class Options:
         bits: int | Literal["auto"] = option(
-            4,
+            "auto",
             "codebook size 2^bits per tensor/channel; auto = a width (2..8, or float16) "
-            "per weight from measured sensitivity, the smallest file within the budget",
+            "per weight from measured sensitivity, the smallest file within the budget "
+            "(budget none: cosine>=0.99)",
             range=(2, 8),
         )
         granularity: Literal["auto", "tensor", "channel", "scaled"] = option(
