@@ -126,7 +126,8 @@ def test_every_family_runs_on_real_models(zoo, name, family, tmp_path):
 def test_bench_table_from_records(tmp_path, capsys):
     """`bench_zoo.py --table` turns --json records into the README table: one row per
     model x family, the budget=none cell beside the default one, ✗ on missed targets,
-    a later file's cell replacing an earlier one's."""
+    a later file's cell replacing an earlier one's, and the anchor's own time and peak
+    RSS (failed anchors left out)."""
     model = tmp_path / "m.onnx"
     model.write_bytes(b"x" * 1_000_000)
 
@@ -148,7 +149,8 @@ def test_bench_table_from_records(tmp_path, capsys):
         }
 
     first = [
-        {"name": "m", "family": "anchor", "wall": 10.0},
+        {"name": "m", "family": "anchor", "wall": 10.0, "rss_mb": 350.0},
+        {"name": "m", "family": "anchor", "error": "exit 1: FileNotFoundError"},
         rec("lossless", None, 50.0, sqnr=40.0),  # over 3 x 10 + 15 s, under 60 dB
         rec("prune", None, 20.0, "rolled back", "out: cosine 0.9 (needs >=0.99) | x"),
         rec("prune", "none", 21.0, size=250_000),
@@ -161,8 +163,9 @@ def test_bench_table_from_records(tmp_path, capsys):
         paths[-1].write_text(__import__("json").dumps(records))
     assert bench_zoo.main(["--table", *map(str, paths)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 + 3  # header, rule, lossless / prune / int8
-    lossless, prune, int8 = lines[2:]
+    assert len(lines) == 2 + 4  # header, rule, lossless / prune / int8, the anchor
+    lossless, prune, int8, anchor = lines[2:]
+    assert anchor == "| m | *ORT quantize_static* | anchor, 1 runs | 10.0 (1.00) | 350 | | | |"
     assert "| 50.0 (5.00) ✗ |" in lossless and "40.0 / 0.9990; top-1 agreement 1.000 ✗" in lossless
     assert "(lossless)" in lossless
     assert "rolled back: out: cosine 0.9 (needs >=0.99) \\| x" in prune

@@ -162,12 +162,6 @@ def peer_model(proto):
 # ---------------------------------------------------------------------------- quantizers
 
 
-def _rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def _current_rss_mb() -> float:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -186,7 +180,8 @@ def onnxopt_job(model: str, pipeline: str, data: str, out: str, calib: int, vali
     status = "; ".join(
         s["status"] + (f" ({s['reason'][:100]})" if s.get("reason") else "") for s in result.steps
     )
-    return {"seconds": seconds, "peak_mb": _rss_mb(), "status": status, "notes": notes}
+    peak = bench_zoo.peak_rss_mb()
+    return {"seconds": seconds, "peak_mb": peak, "status": status, "notes": notes}
 
 
 def ort_job(model: str, feeds_file: str, out: str) -> dict:
@@ -219,7 +214,7 @@ def ort_job(model: str, feeds_file: str, out: str) -> dict:
     seconds = time.perf_counter() - start
     if source != model:
         os.remove(source)
-    return {"seconds": seconds, "peak_mb": _rss_mb(), "status": status}
+    return {"seconds": seconds, "peak_mb": bench_zoo.peak_rss_mb(), "status": status}
 
 
 def _load_feeds(path: str) -> list[dict]:
@@ -407,7 +402,7 @@ def memory_job(kind: str, model: str, data_file: str, out: str) -> dict:
         onnx.save(peer_model(proto), out + ".peer.onnx")
         baseline = _current_rss_mb()
         ort_job(out + ".peer.onnx", feeds_file, out)
-    return {"seconds": time.perf_counter() - start, "peak_mb": _rss_mb(),
+    return {"seconds": time.perf_counter() - start, "peak_mb": bench_zoo.peak_rss_mb(),
             "baseline_mb": baseline}  # fmt: skip
 
 

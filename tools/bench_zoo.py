@@ -72,7 +72,16 @@ CELL_TIMEOUT = 1800.0
 # ----------------------------------------------------------------------------- child
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MB. ``VmHWM`` of /proc/self/status, not ``ru_maxrss``:
+    a child's ``ru_maxrss`` starts at its parent's RSS when it was forked (exec does not
+    reset it), so every cell started by a 1.2 GB parent read 1228 MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -180,7 +189,7 @@ def child_onnxopt(spec: dict) -> dict:
     )
     result.save(out)
     wall = time.perf_counter() - start
-    rss = _peak_rss_mb()
+    rss = peak_rss_mb()
     steps = [
         {"step": s["step"], "status": s["status"], "reason": s.get("reason") or ""}
         for s in result.steps
@@ -236,7 +245,7 @@ def child_anchor(spec: dict) -> dict:
     )
     wall = time.perf_counter() - start
     shutil.rmtree(private, ignore_errors=True)
-    return {"wall": wall, "rss_mb": _peak_rss_mb()}
+    return {"wall": wall, "rss_mb": peak_rss_mb()}
 
 
 # ----------------------------------------------------------------------------- parent
