@@ -55,6 +55,7 @@ PIPELINES = (
     "quantize-int4",
     "quantize-int4(format=matmulnbits)",
     "quantize-int8(latency=false)",
+    "quantize-int8(latency=false,speed=none)",
     "quantize-int8(latency=false,weights_only=true)",
     "remove-dead-neurons",
     "remove-neurons(ratio=0.25)",
@@ -144,6 +145,13 @@ PINS: dict[str, dict[str, str]] = {
         "op11": "c96bbbe27b6689b26b44f456d97ff5322cd37db586317289c82d9c61a43f3c62",
     },
     "quantize-int8(latency=false)": {
+        "mlp": "5b059f5a9d47e1d700f13f945d459c1a72f909ff21169ea14955326c5ea46046",
+        # speed=rule (default since 2026-12-06): the stem and depthwise Convs stay float
+        "cnn": "084214b9a16b2999cf8ee65a49f269aa78207475481d6bf07d798bf20f1deb6a",
+        "transformer": "059924ce595240b9955b3119f5693ab47528c0615076054f8300b4907f970262",
+        "op11": "9c21fc0a037871e690a12689d6506c50e6e6a90d9fe80fc3a02d21bc3740a1b1",
+    },
+    "quantize-int8(latency=false,speed=none)": {  # the default before speed=rule
         "mlp": "5b059f5a9d47e1d700f13f945d459c1a72f909ff21169ea14955326c5ea46046",
         "cnn": "1dcff4f5ad7c48226303bee8950d68ffeb361cc2c0009ad22481b1d0c3117301",
         "transformer": "059924ce595240b9955b3119f5693ab47528c0615076054f8300b4907f970262",

@@ -24,7 +24,7 @@ from onnxopt.passes.quantize.speed import runtime_ops
 from onnxopt.pipeline import PassContext, Pipeline
 
 TRAIN = str(model_path("digits_mlp").parent / "digits_train.npz")
-FAST = "latency=false"
+FAST = "latency=false,speed=none"  # every node the table allows (speed=rule: own tests)
 
 
 def quantize(name_or_model, options: str = FAST, prefix: str = "", **kwargs):
@@ -665,6 +665,60 @@ def test_speed_auto_says_why_when_every_node_profiled_slower(monkeypatch):
     assert "whole model 1.40x fp32" in reason
     assert "each of the 3 quantized node(s) profiled slower" in reason
     assert "): ;" not in reason
+
+
+def _rule_model() -> onnx.ModelProto:
+    """stem 3x3 Conv (1 -> 16, reduces 9) -> depthwise 3x3 (group 16) -> 3x3 Conv (16 ->
+    64, reduces 144) -> SE gate: GlobalAveragePool -> 1x1 Conv (64 -> 64) -> Sigmoid -> Mul."""
+    rng = np.random.default_rng(0)
+
+    def w(*shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3)
+
+    inits = {"ws": w(16, 1, 3, 3), "wd": w(16, 1, 3, 3), "wc": w(64, 16, 3, 3)}
+    inits["wg"] = w(64, 64, 1, 1)
+    for name, tensor in inits.items():
+        tensor.name = name
+    pads = {"pads": [1, 1, 1, 1]}
+    nodes = [
+        helper.make_node("Conv", ["x", "ws"], ["s"], name="stem", **pads),
+        helper.make_node("Relu", ["s"], ["sr"], name="stem_relu"),
+        helper.make_node("Conv", ["sr", "wd"], ["d"], name="dw", group=16, **pads),
+        helper.make_node("Relu", ["d"], ["dr"], name="dw_relu"),
+        helper.make_node("Conv", ["dr", "wc"], ["c"], name="wide", **pads),
+        helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
+        helper.make_node("Conv", ["p", "wg"], ["g"], name="gate"),
+        helper.make_node("Sigmoid", ["g"], ["gs"], name="gate_sigmoid"),
+        helper.make_node("Mul", ["c", "gs"], ["y"], name="scale"),
+    ]
+    graph = helper.make_graph(
+        nodes, "rule",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 16, 16])],
+        list(inits.values()),
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_speed_rule_keeps_float_the_convs_int8_kernels_run_slower():
+    """Decided from the graph alone: grouped, narrow (reduces < 64) and pooled-gate
+    Convs stay float with their reason; the wide Conv is quantized. speed=none
+    quantizes all four."""
+    outcome = speed.slow_by_rule(gs.import_onnx(_rule_model()))
+    kept = {d["node"]: d["kind"] for d in outcome.kept_float}
+    assert kept == {"stem": "narrow", "dw": "grouped", "gate": "pooled"}
+    assert "1 narrow, 1 grouped, 1 pooled" in outcome.notes()[0]
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 1, 16, 16)).astype(np.float32)}
+             for i in range(8)]  # fmt: skip
+    ruled = quantize(_rule_model(), "latency=false", data=feeds, budget="none").steps[-1]
+    assert ruled["counts"]["core_quantized"] == 1
+    reasons = {d["subject"]: d["reason"] for d in ruled["skipped"]}
+    assert "grouped Conv (group=16)" in reasons["dw"]
+    assert "reduces 9 inputs per output (< 64)" in reasons["stem"]
+    assert "GlobalAveragePool" in reasons["gate"]
+    assert ruled["details"]["speed_rule"]["min_reduction"] == 64
+    every = quantize(_rule_model(), "latency=false,speed=none", data=feeds, budget="none")
+    assert every.steps[-1]["counts"]["core_quantized"] == 4
 
 
 # ---------------------------------------------------------------------------- vs the tool

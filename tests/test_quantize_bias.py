@@ -59,8 +59,8 @@ def test_bias_correction_raises_the_sqnr_of_a_model_with_clipped_inputs():
     reference = run(model, held_out)
     sqnr, results = {}, {}
     for flag in ("auto", "off"):
-        result = onnxopt.optimize(model, f"quantize-int8(latency=false,bias_correction={flag})",
-                                  data=feeds, budget="none")  # fmt: skip
+        text = f"quantize-int8(latency=false,speed=none,bias_correction={flag})"
+        result = onnxopt.optimize(model, text, data=feeds, budget="none")
         sqnr[flag] = _sqnr(reference, run(result.model, held_out))
         results[flag] = result
     details = results["auto"].steps[-1]["details"]["bias_correction"]
@@ -81,9 +81,9 @@ def test_auto_bias_correction_is_dropped_when_it_measures_worse(monkeypatch):
     monkeypatch.setattr(bias_correct, "measure", harmful)
     model = skewed_conv()
     feeds = skewed_feeds(64, seed=1)
-    plain = onnxopt.optimize(model, "quantize-int8(latency=false,bias_correction=off)",
+    plain = onnxopt.optimize(model, "quantize-int8(latency=false,speed=none,bias_correction=off)",
                              data=feeds, budget="none")  # fmt: skip
-    auto = onnxopt.optimize(model, "quantize-int8(latency=false,bias_correction=auto)",
+    auto = onnxopt.optimize(model, "quantize-int8(latency=false,speed=none,bias_correction=auto)",
                             data=feeds, budget="none")  # fmt: skip
     details = auto.steps[-1]["details"]["bias_correction"]
     assert not details["used"]

@@ -79,7 +79,7 @@ def test_equalisation_raises_the_int8_sqnr_of_a_depthwise_chain():
     reference = run(model, feeds[:16])
     sqnr = {}
     for flag in ("true", "false"):
-        result = onnxopt.optimize(model, f"quantize-int8(latency=false,equalize={flag})",
+        result = onnxopt.optimize(model, f"quantize-int8(latency=false,speed=none,equalize={flag})",
                                   data=feeds, budget="none")  # fmt: skip
         sqnr[flag] = _sqnr(reference, run(result.model, feeds[:16]))
         if flag == "true":

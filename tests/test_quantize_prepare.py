@@ -77,7 +77,7 @@ def test_prepared_quantization_has_one_rounding_and_a_higher_sqnr():
     results = {}
     for flag in ("true", "false"):
         # equalize=false: only prepare differs (it also opens a Conv->Relu->Conv pair)
-        pipeline = f"quantize-int8(latency=false,equalize=false,prepare={flag})"
+        pipeline = f"quantize-int8(latency=false,speed=none,equalize=false,prepare={flag})"
         out = onnxopt.optimize(model, pipeline, data=feeds, budget="none")
         results[flag] = out
     prepared, plain = results["true"].model, results["false"].model

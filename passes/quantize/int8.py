@@ -24,8 +24,13 @@ MaxPool...). The placement rules are the table in ``qdq.py``.
   MatMul is measured alone (output SQNR on calibration samples) and the most
   sensitive ones return to float, fewest first, until the budget is met; the report
   lists them with their SQNR. ``fallback=none`` leaves the verdict to the manager.
-- ``speed=auto`` (not the default: the placement would depend on timing, and a pass
-  must write the same bytes in every process): the int8 model is timed against fp32
+- ``speed=rule`` (default): grouped/depthwise Convs, Convs reducing fewer than 64
+  inputs per output and Convs on 1x1 pooled gates stay float, decided from the graph
+  (``speed.slow_by_rule``: onnxruntime's int8 kernels are slower there on x86; PP-OCR
+  cls 1.94x -> 1.00x fp32, det 0.83x -> 0.76x). ``speed=none`` quantizes them too.
+- ``speed=auto`` (the rule, then timing; not the default: the placement would depend
+  on timing, and a pass must write the same bytes in every process): the int8 model
+  is timed against fp32
   (the report's latency figure); only when it is clearly slower does onnxruntime's
   profiler time
   each fused integer node against its float original (plus the Q/DQ it adds): nodes
@@ -179,14 +184,15 @@ class Job:
         self.kept: dict[str, str] = {}  # node kept float by fallback / speed -> why
         self.timing: dict = {}  # latency_ratio() of the final graph, when already measured
         self.corrections: dict[str, np.ndarray] = {}  # node -> bias correction
+        self.slow: frozenset[str] = frozenset()  # speed=rule: always kept float
 
     def build(self, float_nodes: frozenset[str]) -> Built:
         """The int8 graph with ``float_nodes`` (and the user's exclusions) kept float."""
         opts = self.options
         candidate = self.float_graph.copy()
         selection = qdq.Selection(
-            tuple(opts.op_types), tuple(opts.exclude), float_nodes, opts.activations,
-            opts.matmul_activations,
+            tuple(opts.op_types), tuple(opts.exclude), float_nodes | self.slow,
+            opts.activations, opts.matmul_activations,
         )  # fmt: skip
         placement = qdq.plan(candidate, selection)
         if not float_nodes:
@@ -311,10 +317,13 @@ class QuantizeInt8Pass(Pass):
         fallback: Literal["auto", "none"] = option(
             "auto", "return the most sensitive nodes to float until the budget is met"
         )
-        speed: Literal["none", "auto"] = option(
-            "none",
-            "auto: when the int8 model times slower than fp32, keep float the nodes the "
-            "profiler finds slower in int8, or the whole model (needs latency=true)",
+        speed: Literal["none", "rule", "auto"] = option(
+            "rule",
+            "rule: keep float the Convs onnxruntime runs slower in int8 on x86 (grouped/"
+            "depthwise, reductions under 64 inputs, 1x1 pooled gates), decided from the "
+            "graph; auto: the rule, then, when the int8 model times slower than fp32, keep "
+            "float what the profiler finds slower, or the whole model (needs latency=true); "
+            "none: every node the table allows",
         )
         weights_only: bool = option(False, "int8 weights only (no activation quantization)")
         matmul_activations: bool = option(False, "also quantize activation x activation MatMul")
@@ -374,6 +383,10 @@ class QuantizeInt8Pass(Pass):
             )
         job = Job(ctx, opts, graph.copy(), notes)
         job.details["prepare"] = {**folds, "equalized": equalized, "smoothed": smoothed}
+        if opts.speed != "none":
+            rule = speed.slow_by_rule(job.float_graph)
+            job.slow = frozenset(d["node"] for d in rule.kept_float)
+            job.record("speed_rule", rule)
         built = job.build(frozenset())
         job.skipped = built.plan.skipped
         if not built.plan.core():
