@@ -195,6 +195,9 @@ def ort_job(model: str, feeds_file: str, out: str) -> dict:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     feeds = _load_feeds(feeds_file)
+    # quant_pre_process leaves sym_shape_infer_temp.onnx and <uuid>.data files in the
+    # working folder: give this process a folder of its own, beside the output
+    os.chdir(os.path.dirname(os.path.abspath(out)))
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
