@@ -114,17 +114,17 @@ PINS: dict[str, dict[str, str]] = {
         "transformer": "e4da8391cabb70f1e45fc597e0d7f95ec8cde87eac37dd0dd33f7879e8678c12",
         "op11": "14eba4b08b06ae95f5370842f1968d0918140049962f8df7a1221e9b134e9aa7",
     },
-    "prune-initializers": {
-        "mlp": "d3a877ce2bd8fdc71761a68753fad4847d28ed939091d638d388ba272ff546b7",
-        "cnn": "b3145004aec90db73443abe6545315d8772b4772405ff854eb94291d8e2bff13",
-        "transformer": "6babc21d821770cccfa768a4a1d43ba1bcde05d4a4530b6bce7fc9fceaf0a2f0",
-        "op11": "eb655d73dda9adf14c5a798df73062398b231ebfe580d5cd3626fae275703867",
+    "prune-initializers": {  # damping 0.1 since 2026-12-06
+        "mlp": "ac5aa777d415c09867aab70a3ffde8ee937522e56eddf1f31ea0e1c58b40ea0b",
+        "cnn": "4d2e04afa472e955621ecbbc6a601941af158fc841471cda930fc34992b5e501",
+        "transformer": "51e343b161b775cdfea1152e738bfcfd44829536d47f01953b2b30a0d5855fd6",
+        "op11": "cfac2746e3e044f96fe6fdcada44e242a03ce8293c4265498af4ec3dd5713d06",
     },
-    "prune-initializers(sparsity=0.8,store=sparse)": {
-        "mlp": "46dab8f54eb250885ab3ea40129599907e1bff9e4f3b7856e1db5e9b50129d5f",
-        "cnn": "63a0b61ca3b9f3090ceac353e39d95850c3afa8f17a76dc93c96e4391eadb763",
-        "transformer": "516e76222182b4c4dddba1920b66614be28831fc7f0f4d9845e21a799e27e8c3",
-        "op11": "6b1683c8d945a75248bde6e23f16fdba6b8dc700172f10724d5be2ecfa69c055",
+    "prune-initializers(sparsity=0.8,store=sparse)": {  # damping 0.1 since 2026-12-06
+        "mlp": "751127532d66a768decf97d6a1bb6e7d930b3fe8ee40dcaf61723836fe43dae3",
+        "cnn": "d5fd557ad27ad29c8e531ec544145cffc60cc8007838904fd23915e82388217c",
+        "transformer": "03079f021d967be81a7bf12d3a6736f7100c76be56d5db8c42b6fb9a27ff12c7",
+        "op11": "df965f2315133f543e59ca80596c0370fbb88783741e1cb75a06d6d5c72d6328",
     },
     "prune-initializers(method=wanda,pattern=2:4)": {
         "mlp": "9182dc16b78ecdc9ed50ce5479599308a2ba169e8bc00aace785748f473ab121",

@@ -47,7 +47,12 @@ import numpy as np
 
 from onnxopt.passes.prune.selection import lowest_per_row, spread
 
-DAMPING = 0.01
+# 10 % of the mean diagonal, not SparseGPT's 1 %: the refit is a ridge regression on 64
+# calibration samples, and more damping generalises better to inputs it never saw
+# (50 %, evaluation inputs: PP-OCRv4 det 4.0 -> 7.5 dB, Silero VAD 25.0 -> 28.2, PP-OCR
+# cls 16.9 -> 17.9, MiniLM 7.5 -> 8.3, rec 13.6 -> 13.3 with string agreement 0.81 ->
+# 0.84; digits CNN 99.07 -> 99.26 %; docs/passes/prune.md).
+DAMPING = 0.1
 SHRINK = 0.0
 BLOCK = 128
 INVERSE_BASE = 256  # triangular inverse: recursion down to this size, then numpy's inv
