@@ -733,3 +733,30 @@ def test_prune_then_share_pipeline():
     # measured 94.4 % (pruning alone: 95.7 %; bias correction raises the cosine to the
     # original, 0.986 -> 0.989, but moves 6 of the 540 test images the wrong way)
     assert accuracy(result.model) >= accuracy(original) - 0.03
+
+
+def test_a_very_long_row_is_fitted_on_a_sample_and_every_value_assigned(monkeypatch):
+    """One codebook for a tensor over ROW_SAMPLE values: the centroids come from a
+    strided sample (close to the full fit), every value gets its nearest centroid, and a
+    row's exact zeros keep a zero centroid even when the sample missed them."""
+    from onnxopt.passes.codebook import kmeans
+
+    rng = np.random.default_rng(0)
+    row = rng.standard_normal((1, 40_000)).astype(np.float32)
+    row[0, 1::4000] = 0.0  # ten zeros, none on the stride-4 sample grid
+    assert not np.any(row[0, ::4] == 0)
+    full = kmeans_1d(row, 16)
+    monkeypatch.setattr(kmeans, "ROW_SAMPLE", 10_000)
+    sampled = kmeans_1d(row, 16)
+    assert sampled.indices.shape == row.shape
+    assert 0.0 in sampled.centroids[0]
+    zero = int(np.flatnonzero(sampled.centroids[0] == 0)[0])
+    assert np.all(sampled.indices[0, row[0] == 0] == zero)
+    nearest = np.abs(row[0][:, None] - sampled.centroids[0][None, :]).argmin(axis=1)
+    picked = sampled.centroids[0][sampled.indices[0]]
+    assert np.allclose(np.abs(picked - row[0]), np.abs(sampled.centroids[0][nearest] - row[0]))
+
+    def mse(book):
+        return float(np.mean((book.centroids[0][book.indices[0]] - row[0]) ** 2))
+
+    assert mse(sampled) <= 1.02 * mse(full)
