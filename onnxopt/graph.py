@@ -199,31 +199,32 @@ def _hoist_outer_initializers(model: onnx.ModelProto, template: onnx.ModelProto)
     outer = {t.name for t in template.graph.initializer}
     main = model.graph
     present = {t.name for t in main.initializer}
-    for node in main.node:
-        for attr in node.attribute:
-            for body in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                _hoist_from(body, main, outer, present)
+    for body in graph_bodies(main):
+        _hoist_from(body, main, outer, present)
 
 
 def _hoist_from(body: onnx.GraphProto, main: onnx.GraphProto, outer: set[str], present: set[str]):
-    keep = [t for t in body.initializer if t.name not in outer]
     for init in body.initializer:
         if init.name in outer and init.name not in present:
             main.initializer.append(init)
             present.add(init.name)
-    if len(keep) != len(body.initializer):
-        del body.initializer[:]
-        body.initializer.extend(keep)
-    for node in body.node:  # nested bodies
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                _hoist_from(sub, main, outer, present)
+    _drop_initializers(body, outer)
+    for sub in graph_bodies(body):  # nested bodies
+        _hoist_from(sub, main, outer, present)
 
 
-def _bodies(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def graph_bodies(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The If/Loop/Scan bodies of ``graph``'s nodes (one level), in node order."""
     for node in graph.node:
         for attr in node.attribute:
             yield from [attr.g] if attr.HasField("g") else attr.graphs
+
+
+def _drop_initializers(body: onnx.GraphProto, names: set[str]) -> None:
+    keep = [t for t in body.initializer if t.name not in names]
+    if len(keep) != len(body.initializer):
+        del body.initializer[:]
+        body.initializer.extend(keep)
 
 
 def _share_body_initializers(graph: onnx.GraphProto) -> dict[str, list]:
@@ -237,7 +238,7 @@ def _share_body_initializers(graph: onnx.GraphProto) -> dict[str, list]:
     to ``graph`` itself, the closest scope all their readers see. Returns the
     initializers below ``graph`` that were left in place, by name (for the caller)."""
     found: dict[str, list] = {}
-    for body in _bodies(graph):
+    for body in graph_bodies(graph):
         below = _share_body_initializers(body)
         for init in body.initializer:
             below.setdefault(init.name, []).append((body, init))
@@ -257,9 +258,7 @@ def _share_body_initializers(graph: onnx.GraphProto) -> dict[str, list]:
             continue
         graph.initializer.append(places[0][1])
         for body, _ in places:
-            kept = [t for t in body.initializer if t.name != name]
-            del body.initializer[:]
-            body.initializer.extend(kept)
+            _drop_initializers(body, {name})
     return left
 
 

@@ -572,11 +572,7 @@ def has_quantized_ops(model: onnx.ModelProto) -> bool:
             op = node.op_type
             if op in _QUANTIZED_OPS or op.startswith("QLinear") or op.endswith("Integer"):
                 return True
-            for attr in node.attribute:
-                subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
-                if any(walk(g) for g in subgraphs):
-                    return True
-        return False
+        return any(walk(body) for body in graph_utils.graph_bodies(graph))
 
     return walk(model.graph)
 
