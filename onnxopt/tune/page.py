@@ -112,21 +112,20 @@ def _charts(pareto: dict[str, Any]) -> list[str]:
         [html.Point(original["size_bytes"] / 1024, original.get("latency_ms"), "original")],
         "reference",
     )
+    # fidelity against each objective; the front's staircase on the searched one's chart
+    # (on neither for objective=both)
+    fidelity_charts = [
+        html.scatter(
+            _series(pareto, x, fidelity, pareto["objective"] == objective),
+            x_axis,
+            fid_axis,
+            title=f"{objective} vs fidelity",
+            caption=orig_note,
+        )
+        for objective, x, x_axis in (("size", _kb, size_axis), ("latency", latency, latency_axis))
+    ]
     return [
-        html.scatter(
-            _series(pareto, _kb, fidelity, pareto["objective"] == "size"),
-            size_axis,
-            fid_axis,
-            title="size vs fidelity",
-            caption=orig_note,
-        ),
-        html.scatter(
-            _series(pareto, latency, fidelity, pareto["objective"] == "latency"),
-            latency_axis,
-            fid_axis,
-            title="latency vs fidelity",
-            caption=orig_note,
-        ),
+        *fidelity_charts,
         html.scatter(
             [*_series(pareto, _kb, latency), reference],
             size_axis,
