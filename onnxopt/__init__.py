@@ -5,17 +5,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from onnxopt import errors
 from onnxopt.api import Result, optimize
 from onnxopt.check import Budget, assert_equivalent
 from onnxopt.checkout import map_checkout_passes
-from onnxopt.errors import (
-    CheckFailed,
-    DataError,
-    ModelError,
-    OnnxoptError,
-    PassCannotRun,
-    UsageError,
-)
+from onnxopt.errors import *  # noqa: F403  (the exception types, errors.__all__)
 from onnxopt.model import load_model, save_model
 from onnxopt.pipeline import Pass, PassContext, PassResult, Pipeline, register_pass
 
@@ -23,20 +17,15 @@ map_checkout_passes()  # onnxopt.passes = ../passes in a source checkout (see ch
 
 __all__ = [
     "Budget",
-    "CheckFailed",
-    "DataError",
-    "ModelError",
-    "OnnxoptError",
     "Pass",
-    "PassCannotRun",
     "PassContext",
     "PassResult",
     "Pipeline",
     "Result",
-    "UsageError",
     "assert_equivalent",
     "load_model",
     "optimize",
     "register_pass",
     "save_model",
 ]
+__all__ += errors.__all__

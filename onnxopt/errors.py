@@ -8,6 +8,9 @@ its traceback.
 
 from __future__ import annotations
 
+# what ``onnxopt`` exports from here (first_line is internal)
+__all__ = ["CheckFailed", "DataError", "ModelError", "OnnxoptError", "PassCannotRun", "UsageError"]
+
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first non-blank line of an exception's message (its type name if empty),
