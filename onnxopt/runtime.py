@@ -82,6 +82,23 @@ def feedable(session: ort.InferenceSession) -> set[str]:
     return names | {i.name for i in session.get_overridable_initializers()}
 
 
+def run(session: ort.InferenceSession, names: Sequence[str] | None, feed: Feed) -> list:
+    """``session.run`` whose arrays own their memory.
+
+    onnxruntime returns outputs that point into its arena, and an output kept alive
+    keeps the whole arena of its (even deleted) session: 32 PP-OCRv4 det outputs at
+    640x640 (52 MB) held 134 MB. Outputs a caller keeps across runs go through here.
+    """
+    values = session.run(names, feed)
+    return [_owned(value) for value in values]
+
+
+def _owned(value):
+    if isinstance(value, np.ndarray) and value.base is not None:
+        return np.array(value, copy=True)
+    return value
+
+
 def run_samples(
     session: ort.InferenceSession,
     samples: Sequence[Feed],
@@ -94,7 +111,7 @@ def run_samples(
     results = []
     for sample in progress if progress is not None else samples:
         feed = {k: v for k, v in sample.items() if k in wanted}
-        results.append(dict(zip(names, session.run(names, feed))))
+        results.append(dict(zip(names, run(session, names, feed))))
     return results
 
 
