@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxopt import sample_files
 from onnxopt.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,9 @@ def load_samples(
     if path.is_dir():
         return _samples_from_folder(path, specs, casts)
     if path.suffix == ".npz":
+        stored = sample_files.open_npz(path)
+        if stored is not None:
+            return _samples_from_arrays(stored, specs, str(path), casts)
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {k: archive[k] for k in archive.files}
@@ -173,13 +177,20 @@ def load_samples(
             raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
         return _samples_from_arrays(arrays, specs, str(path), casts)
     if path.suffix == ".npy" and len(specs) == 1:
+        stored = sample_files.open_npy(path)
+        if stored is not None:
+            return _samples_from_arrays({specs[0].name: stored}, specs, str(path), casts)
         return _samples_from_arrays({specs[0].name: _load_npy(path)}, specs, str(path), casts)
     raise DataError(f"{path}: expected an .npz file or a folder of .npy / .pb files")
 
 
 def _samples_from_arrays(
-    arrays: dict[str, np.ndarray], specs, where: str, casts=None
-) -> list[Feed]:
+    arrays: dict[str, np.ndarray | sample_files.StoredArray], specs, where: str, casts=None
+) -> Sequence[Feed]:
+    """One feed per leading index. Arrays in memory give a list; arrays in a file
+    (:class:`~onnxopt.sample_files.StoredArray`) give samples read on use, the first
+    one checked (and its casts noted) now: every row of an array has its shape and
+    dtype."""
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise DataError(
@@ -189,35 +200,56 @@ def _samples_from_arrays(
     extra = sorted(set(arrays) - {s.name for s in specs})
     if extra:
         log.info("%s: ignoring keys that are not model inputs: %s", where, ", ".join(extra))
-    per_input = {}
+    rows = _Rows({}, {}, tuple(specs), where)
     for spec in specs:
-        array = np.asarray(arrays[spec.name])
+        array = arrays[spec.name]
+        if not isinstance(array, sample_files.StoredArray):
+            array = np.asarray(array)
+        rows.arrays[spec.name] = array
         if array.ndim == len(spec.shape) + 1:
-            per_input[spec.name] = [array[i] for i in range(array.shape[0])]
+            rows.batched[spec.name] = False
         elif (
             array.ndim == len(spec.shape)
             and array.ndim > 0
             and (not isinstance(spec.shape[0], int) or spec.shape[0] == 1)
         ):
             # dynamic (or 1) batch dimension: each row is one batch-1 sample
-            per_input[spec.name] = [array[i : i + 1] for i in range(array.shape[0])]
+            rows.batched[spec.name] = True
         else:
             raise DataError(
                 f"{where}: array {spec.name!r} has shape {array.shape}; model input is "
                 f"{spec.describe()}: expected (num_samples, *input_shape)"
             )
-    counts = {name: len(v) for name, v in per_input.items()}
+    counts = {name: array.shape[0] for name, array in rows.arrays.items()}
     if len(set(counts.values())) > 1:
         raise DataError(f"{where}: inputs have different sample counts: {counts}")
     n = next(iter(counts.values()), 0)
     if n == 0:
         raise DataError(f"{where}: contains zero samples")
-    return [
-        _coerce_feed(
-            {name: per_input[name][i] for name in per_input}, specs, f"{where} sample {i}", casts
-        )
-        for i in range(n)
-    ]
+    if not any(isinstance(a, sample_files.StoredArray) for a in rows.arrays.values()):
+        return [rows.feed(i, casts) for i in range(n)]
+    rows.feed(0, casts)
+    return sample_files.Samples(rows.feed, range(n))
+
+
+@dataclass
+class _Rows:
+    """Sample ``i`` of arrays in memory or in a file (picklable: names and offsets)."""
+
+    arrays: dict[str, np.ndarray | sample_files.StoredArray]
+    batched: dict[str, bool]  # True: each row is a batch-1 sample (keeps its axis)
+    specs: tuple[InputSpec, ...]
+    where: str
+
+    def feed(self, index: int, casts=None) -> Feed:
+        feed = {}
+        for name, array in self.arrays.items():
+            if isinstance(array, sample_files.StoredArray):
+                row = array.row(index)
+                feed[name] = row[None] if self.batched[name] else row
+            else:
+                feed[name] = array[index : index + 1] if self.batched[name] else array[index]
+        return _coerce_feed(feed, self.specs, f"{self.where} sample {index}", casts)
 
 
 def _samples_from_folder(folder: Path, specs, casts=None) -> list[Feed]:
@@ -355,8 +387,8 @@ def infer_int_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
 
 @dataclass
 class SampleSets:
-    calibration: list[Feed]
-    validation: list[Feed]
+    calibration: Sequence[Feed]  # a list, or samples read from the data file on use
+    validation: Sequence[Feed]
     source: str
     # {"level": "note" | "warning", "text": ...}: dtype casts, too few validation samples
     notes: list[dict[str, str]] = field(default_factory=list)
@@ -391,8 +423,8 @@ def prepare_samples(
     _refuse_nonfinite(samples, specs)
     order = rng.permutation(len(samples))
     n_val = min(validation_samples, max(1, len(samples) // 2)) if len(samples) > 1 else 1
-    validation = [samples[i] for i in order[:n_val]]
-    calibration = [samples[i] for i in order[n_val : n_val + calibration_samples]]
+    validation = _pick(samples, order[:n_val])
+    calibration = _pick(samples, order[n_val : n_val + calibration_samples])
     where = data if isinstance(data, (str, os.PathLike)) else "arrays"
     notes = [
         {"level": "note", "text": f"input {name!r}: {src} data cast to the model's {dst}"}
@@ -413,6 +445,12 @@ def prepare_samples(
 
 
 MIN_VALIDATION_SAMPLES = 8
+
+
+def _pick(samples: Sequence[Feed], positions: Sequence[int]) -> Sequence[Feed]:
+    if isinstance(samples, sample_files.Samples):
+        return samples.take(positions)  # still on disk
+    return [samples[i] for i in positions]
 
 
 def _refuse_nonfinite(samples: Sequence[Feed], specs: Sequence[InputSpec]) -> None:

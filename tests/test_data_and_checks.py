@@ -69,6 +69,70 @@ def test_folder_of_npy_and_backend_pb_sets(tmp_path):
     assert [float(s["input"].max()) for s in samples] == [0.0, 1.0, 2.0]
 
 
+def test_npz_and_npy_samples_are_read_from_disk_on_use(tmp_path):
+    # a data file is not loaded whole: each sample is read when a pass uses it, and
+    # gives exactly what the eager loader gave (values, dtype cast, batch-1 rows)
+    import pickle
+
+    from onnxopt.sample_files import Samples
+
+    rng = np.random.default_rng(0)
+    rows = rng.random((9, 1, 8, 8))  # float64: cast to the model's float32
+    labels = np.arange(9)
+    np.savez(tmp_path / "d.npz", input=rows, label=labels)
+    np.save(tmp_path / "d.npy", rows)
+    eager = load_samples({"input": rows}, input_specs(CNN))
+    assert isinstance(eager, list)
+    for source in (tmp_path / "d.npz", tmp_path / "d.npy"):
+        casts: set = set()
+        lazy = load_samples(source, input_specs(CNN), casts)
+        assert isinstance(lazy, Samples) and len(lazy) == 9
+        assert casts == {("input", "float64", "float32")}
+        for mine, theirs in zip(lazy, eager):
+            assert mine["input"].dtype == np.float32 and mine["input"].shape == (1, 1, 8, 8)
+            np.testing.assert_array_equal(mine["input"], theirs["input"])
+        # slices and picks stay lazy; pickling carries offsets, not arrays
+        assert isinstance(lazy[2:5], Samples) and len(lazy[2:5]) == 3
+        np.testing.assert_array_equal(lazy[2:5][1]["input"], eager[3]["input"])
+        assert len(pickle.dumps(lazy)) < rows.nbytes / 4
+        again = pickle.loads(pickle.dumps(lazy))
+        np.testing.assert_array_equal(again[8]["input"], eager[8]["input"])
+    lazy_sets = prepare_samples(CNN, tmp_path / "d.npz", seed=3, calibration_samples=4,
+                                validation_samples=3)  # fmt: skip
+    eager_sets = prepare_samples(CNN, {"input": rows}, seed=3, calibration_samples=4,
+                                 validation_samples=3)  # fmt: skip
+    assert isinstance(lazy_sets.calibration, Samples)
+    for mine, theirs in [*zip(lazy_sets.calibration, eager_sets.calibration),
+                         *zip(lazy_sets.validation, eager_sets.validation)]:  # fmt: skip
+        np.testing.assert_array_equal(mine["input"], theirs["input"])
+    assert (len(lazy_sets.calibration), len(lazy_sets.validation)) == (4, 3)
+
+
+def test_files_that_cannot_be_read_by_row_are_loaded_whole(tmp_path):
+    from onnxopt.sample_files import Samples, open_npy, open_npz
+
+    rows = np.random.default_rng(1).random((4, 1, 8, 8)).astype(np.float32)
+    np.savez_compressed(tmp_path / "z.npz", input=rows)  # deflated member
+    np.save(tmp_path / "f.npy", np.asfortranarray(rows))  # Fortran order
+    assert open_npz(tmp_path / "z.npz") is None and open_npy(tmp_path / "f.npy") is None
+    for name in ("z.npz", "f.npy"):
+        samples = load_samples(tmp_path / name, input_specs(CNN))
+        assert not isinstance(samples, Samples)
+        np.testing.assert_array_equal(samples[3]["input"], rows[3:4])
+
+
+def test_a_data_file_cut_short_while_in_use_is_a_clear_error(tmp_path):
+    rows = np.zeros((4, 1, 8, 8), np.float32)
+    np.save(tmp_path / "d.npy", rows)
+    samples = load_samples(tmp_path / "d.npy", input_specs(CNN))
+    size = (tmp_path / "d.npy").stat().st_size
+    with open(tmp_path / "d.npy", "r+b") as f:
+        f.truncate(size - rows[0].nbytes // 2)
+    assert samples[2]["input"].shape == (1, 1, 8, 8)
+    with pytest.raises(DataError, match="sample 3 is cut short"):
+        samples[3]
+
+
 def test_split_is_disjoint_and_seeded():
     sets = prepare_samples(
         CNN, MODELS / "digits_test.npz", calibration_samples=100, validation_samples=50, seed=1

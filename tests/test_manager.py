@@ -502,3 +502,15 @@ def test_kept_outputs_own_their_memory_not_onnxruntimes_arena():
         for value in outputs.values():
             assert value.base is None and value.flags.owndata
     np.testing.assert_array_equal(next(iter(kept[0].values())), raw[0])
+
+
+def test_a_step_that_reproduces_the_reference_bit_for_bit_holds_no_second_copy():
+    from onnxopt.manager import _reuse_equal
+
+    reference = [{"y": np.array([1.0, np.nan, 0.0], np.float32), "k": np.array([3])}]
+    same = [{"y": reference[0]["y"].copy(), "k": np.array([3])}]
+    signed_zero = [{"y": np.array([1.0, np.nan, -0.0], np.float32), "k": np.array([4])}]
+    shared = _reuse_equal(reference, same)
+    assert shared[0]["y"] is reference[0]["y"] and shared[0]["k"] is reference[0]["k"]
+    kept = _reuse_equal(reference, signed_zero)  # equal as numbers, not as bits
+    assert kept[0]["y"] is signed_zero[0]["y"] and kept[0]["k"] is signed_zero[0]["k"]

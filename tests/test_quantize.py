@@ -359,6 +359,22 @@ def test_streaming_histogram_matches_the_data_and_stays_bounded():
         assert abs(stats.quantile(q) - np.quantile(everything, q)) <= 2 * stats.width
 
 
+def test_a_tensor_larger_than_one_binning_slice_is_counted_exactly(monkeypatch):
+    # a large feature map is binned in slices (bounded temporaries): the counts are
+    # those of binning it in one go
+    rng = np.random.default_rng(2)
+    values = (rng.standard_normal(10_000) * 3).astype(np.float32)
+    monkeypatch.setattr(calibrate, "ADD_SLICE", 1 << 20)
+    whole = calibrate.TensorStats()
+    whole.update(values)
+    monkeypatch.setattr(calibrate, "ADD_SLICE", 999)  # 11 slices, the last one short
+    sliced = calibrate.TensorStats()
+    sliced.update(values)
+    assert (sliced.start, sliced.width) == (whole.start, whole.width)
+    np.testing.assert_array_equal(sliced.counts, whole.counts)
+    assert sliced.counts.sum() == values.size
+
+
 def test_range_methods():
     rng = np.random.default_rng(1)
     stats = calibrate.TensorStats()

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 BINS = 2048
+ADD_SLICE = 1 << 18  # elements binned at once
 
 
 @dataclass
@@ -93,7 +94,6 @@ class TensorStats:
         self.start, self.counts = new_start, merged
 
     def _add(self, x: np.ndarray) -> None:
-        index = np.floor(x.astype(np.float64, copy=False) / self.width).astype(np.int64)
         # floor is monotone: the extreme indices are those of min(x) and max(x)
         low = min(self.start, math.floor(float(x.min()) / self.width))
         high = max(self.start + len(self.counts) - 1, math.floor(float(x.max()) / self.width))
@@ -101,7 +101,12 @@ class TensorStats:
             grown = np.zeros(high - low + 1, np.int64)
             grown[self.start - low : self.start - low + len(self.counts)] = self.counts
             self.start, self.counts = low, grown
-        self.counts += np.bincount(index - self.start, minlength=len(self.counts))
+        # in slices: the float64 values and int64 indices of a whole 640x640 feature
+        # map are 40 MB of temporaries; counts are integers, so the sum is exact
+        for begin in range(0, x.size, ADD_SLICE):
+            part = x[begin : begin + ADD_SLICE].astype(np.float64, copy=False)
+            index = np.floor(part / self.width).astype(np.int64)
+            self.counts += np.bincount(index - self.start, minlength=len(self.counts))
 
     # -- views used by the range methods
 

@@ -108,6 +108,10 @@ class Hessian:
             for total, product in zip(self._blocks, products):
                 total += product
 
+    def release(self) -> None:
+        """Forget the accumulated ``H`` (``rows`` stays: how many rows it summed)."""
+        self._blocks, self._pending, self._pending_rows = None, [], 0
+
     def blocks(self, group: int) -> list[np.ndarray] | None:
         """``H`` of ``group``, one matrix per column block (None before any update)."""
         self._flush()
