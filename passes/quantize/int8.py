@@ -16,7 +16,9 @@ MaxPool...). The placement rules are the table in ``qdq.py``.
   saturation with 8-bit weights). ``weight_clip=mse`` searches a per-channel clip.
   Biases: int32, ``scale = input scale x weight scale``.
 - Activations: ``activations=uint8`` (default) asymmetric per tensor;
-  ``activations=int8`` symmetric (Relu/Clip are then kept, with a shared scale).
+  ``activations=int8`` symmetric (Relu/Clip are then kept, with a shared scale): for
+  runtimes that want it; onnxruntime on x86 runs it 1.0-1.6x the fp32 latency, and a
+  per-tensor choice between the two gains nothing there (docs/passes/quantize.md).
 - ``op_types=[...]`` restricts the quantized op types, ``exclude=[globs]`` keeps
   matching node names float.
 - ``fallback=auto`` (default): when the result misses the step's budget (measured
