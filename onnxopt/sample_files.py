@@ -64,8 +64,8 @@ class StoredArray:
 
 def open_npy(path: str | Path) -> StoredArray | None:
     """The array of an ``.npy`` file, or ``None`` when it is not row-readable."""
-    with open(path, "rb") as f:
-        return _array_at(f, str(path), 0)
+    with open(path, "rb") as f:  # absolute: a worker process may run elsewhere
+        return _array_at(f, str(Path(path).resolve()), 0)
 
 
 def open_npz(path: str | Path) -> dict[str, StoredArray] | None:
@@ -84,7 +84,7 @@ def open_npz(path: str | Path) -> dict[str, StoredArray] | None:
                 name_length = int.from_bytes(header[26:28], "little")
                 extra_length = int.from_bytes(header[28:30], "little")
                 start = info.header_offset + _LOCAL_HEADER + name_length + extra_length
-                array = _array_at(f, str(path), start)
+                array = _array_at(f, str(Path(path).resolve()), start)
                 if array is None:
                     return None
                 arrays[info.filename[: -len(".npy")]] = array

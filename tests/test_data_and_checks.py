@@ -108,6 +108,17 @@ def test_npz_and_npy_samples_are_read_from_disk_on_use(tmp_path):
     assert (len(lazy_sets.calibration), len(lazy_sets.validation)) == (4, 3)
 
 
+def test_samples_of_a_relative_path_are_read_from_any_working_directory(tmp_path, monkeypatch):
+    # a tune worker (or the caller) may change directory before the samples are used
+    rows = np.arange(3 * 64, dtype=np.float32).reshape(3, 1, 1, 8, 8)
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "d.npz", input=rows)
+    monkeypatch.chdir(tmp_path / "data")
+    samples = load_samples("d.npz", input_specs(CNN))
+    monkeypatch.chdir(tmp_path)
+    np.testing.assert_array_equal(samples[2]["input"], rows[2])
+
+
 def test_files_that_cannot_be_read_by_row_are_loaded_whole(tmp_path):
     from onnxopt.sample_files import Samples, open_npy, open_npz
 
