@@ -46,7 +46,7 @@ class Evaluation:
 class PassContext:
     """What a pass may use: calibration data, a seeded RNG, progress, measurement."""
 
-    calibration: list[Feed]
+    calibration: Sequence[Feed]  # a list, or samples read from the data file on use
     rng: np.random.Generator
     seed: int
     template: onnx.ModelProto

@@ -152,8 +152,9 @@ def load_samples(
     source: str | os.PathLike | Mapping | Sequence,
     specs: Sequence[InputSpec],
     casts: set[tuple[str, str, str]] | None = None,
-) -> list[Feed]:
-    """Read user data into a list of feeds matching ``specs`` (see module docstring).
+) -> Sequence[Feed]:
+    """Read user data into feeds matching ``specs`` (see module docstring): a list, or
+    for an ``.npz``/``.npy`` file samples read from it when used.
     ``casts`` collects ``(input, from dtype, to dtype)`` for every dtype converted."""
     if isinstance(source, Mapping):
         return _samples_from_arrays(dict(source), specs, "<arrays>", casts)
@@ -167,8 +168,8 @@ def load_samples(
     if path.is_dir():
         return _samples_from_folder(path, specs, casts)
     if path.suffix == ".npz":
-        stored = sample_files.open_npz(path)
-        if stored is not None:
+        stored = sample_files.open_npz(path)  # keys that are not inputs may be anything
+        if stored is not None and all(stored.get(spec.name) is not None for spec in specs):
             return _samples_from_arrays(stored, specs, str(path), casts)
         try:
             with np.load(path, allow_pickle=False) as archive:
@@ -454,16 +455,22 @@ def _pick(samples: Sequence[Feed], positions: Sequence[int]) -> Sequence[Feed]:
 
 
 def _refuse_nonfinite(samples: Sequence[Feed], specs: Sequence[InputSpec]) -> None:
-    """NaN/Inf inputs make every comparison meaningless (NaN == NaN is never checked)."""
-    for spec in specs:
-        if not np.issubdtype(spec.dtype, np.floating):
-            continue
-        bad = [int(np.count_nonzero(~np.isfinite(s[spec.name]))) for s in samples]
-        total = sum(bad)
-        if total:
-            size = sum(s[spec.name].size for s in samples)
+    """NaN/Inf inputs make every comparison meaningless (NaN == NaN is never checked).
+    One pass over the samples (they may be read from disk)."""
+    floats = [spec.name for spec in specs if np.issubdtype(spec.dtype, np.floating)]
+    if not floats:
+        return
+    bad, size, hit = (dict.fromkeys(floats, 0) for _ in range(3))
+    for sample in samples:
+        for name in floats:
+            count = int(np.count_nonzero(~np.isfinite(sample[name])))
+            bad[name] += count
+            size[name] += sample[name].size
+            hit[name] += bool(count)
+    for name in floats:
+        if bad[name]:
             raise DataError(
-                f"input {spec.name!r}: {total:,} of {size:,} values are NaN or Inf (in "
-                f"{sum(1 for b in bad if b)} of {len(samples)} samples); the checks compare "
+                f"input {name!r}: {bad[name]:,} of {size[name]:,} values are NaN or Inf (in "
+                f"{hit[name]} of {len(samples)} samples); the checks compare "
                 "outputs on finite inputs only: give data without NaN/Inf"
             )

@@ -15,7 +15,7 @@ import os
 import time
 import traceback
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -163,8 +163,8 @@ class PassManager:
     def run(
         self,
         model: onnx.ModelProto,
-        calibration: list[Feed],
-        validation: list[Feed],
+        calibration: Sequence[Feed],
+        validation: Sequence[Feed],
         data_source: str = "",
         base_dir: str | os.PathLike | None = None,
     ) -> RunOutcome:
@@ -310,6 +310,8 @@ class PassManager:
                 session = runtime.make_session(candidate)
                 outputs = runtime.run_samples(session, state.validation)
                 del session  # its arena, before the comparison and the deployed run
+            except DataError:  # the data file failed, not the candidate
+                raise
             except Exception as exc:  # a candidate that cannot run fails its budget
                 return Evaluation({}, [f"onnxruntime cannot run the candidate: {first_line(exc)}"])
             last.update(key=_fingerprint(candidate), outputs=outputs)
@@ -437,6 +439,8 @@ class PassManager:
             progress = self.progress(samples, desc=f"checking {record.step}", total=len(samples))
             try:
                 outputs = runtime.run_samples(session, progress)
+            except DataError:  # the data file failed, not the result
+                raise
             except Exception as exc:  # e.g. out of memory on shapes the original never needed
                 return None, [f"onnxruntime cannot run the result: {first_line(exc)}"]
             del session  # its arena, before the comparisons and the deployed run
@@ -620,6 +624,8 @@ def original_outputs(model: onnx.ModelProto, samples: Iterable[Feed]) -> list[di
         raise ModelError(f"onnxruntime cannot load the model: {first_line(exc, 400)}") from None
     try:
         return runtime.run_samples(session, samples)
+    except DataError:
+        raise
     except Exception as exc:
         raise DataError(
             f"onnxruntime cannot run the model on the samples: {first_line(exc, 400)}; "
@@ -632,8 +638,8 @@ class _RunState:
     """What the steps of one run share: the original, the data, the last accepted model."""
 
     original: onnx.ModelProto
-    calibration: list[Feed]
-    validation: list[Feed]
+    calibration: Sequence[Feed]
+    validation: Sequence[Feed]
     reference: list[dict[str, np.ndarray]]
     tolerated: dict[str, str]
     accepted: onnx.ModelProto

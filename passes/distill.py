@@ -39,6 +39,7 @@ quantizing), or training fails.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -151,7 +152,7 @@ class DistillPass(Pass):
             )
         return ""
 
-    def _samples(self, student, ctx: PassContext) -> list[dict[str, np.ndarray]]:
+    def _samples(self, student, ctx: PassContext) -> Sequence[dict[str, np.ndarray]]:
         if self.options.data:
             return load_samples(self.options.data, input_specs(student))
         if not ctx.calibration:

@@ -125,23 +125,86 @@ def test_files_that_cannot_be_read_by_row_are_loaded_whole(tmp_path):
     rows = np.random.default_rng(1).random((4, 1, 8, 8)).astype(np.float32)
     np.savez_compressed(tmp_path / "z.npz", input=rows)  # deflated member
     np.save(tmp_path / "f.npy", np.asfortranarray(rows))  # Fortran order
-    assert open_npz(tmp_path / "z.npz") is None and open_npy(tmp_path / "f.npy") is None
+    assert open_npz(tmp_path / "z.npz") == {"input": None} and open_npy(tmp_path / "f.npy") is None
     for name in ("z.npz", "f.npy"):
         samples = load_samples(tmp_path / name, input_specs(CNN))
         assert not isinstance(samples, Samples)
         np.testing.assert_array_equal(samples[3]["input"], rows[3:4])
 
 
-def test_a_data_file_cut_short_while_in_use_is_a_clear_error(tmp_path):
+def test_a_data_file_changed_or_removed_while_in_use_is_a_data_error(tmp_path):
     rows = np.zeros((4, 1, 8, 8), np.float32)
     np.save(tmp_path / "d.npy", rows)
     samples = load_samples(tmp_path / "d.npy", input_specs(CNN))
-    size = (tmp_path / "d.npy").stat().st_size
-    with open(tmp_path / "d.npy", "r+b") as f:
-        f.truncate(size - rows[0].nbytes // 2)
-    assert samples[2]["input"].shape == (1, 1, 8, 8)
-    with pytest.raises(DataError, match="sample 3 is cut short"):
-        samples[3]
+    assert samples[3]["input"].shape == (1, 1, 8, 8)
+    np.save(tmp_path / "d.npy", rows + 1)  # same size, new contents
+    with pytest.raises(DataError, match="changed after it was opened"):
+        samples[0]
+    (tmp_path / "d.npy").unlink()
+    with pytest.raises(DataError, match="cannot read sample 1"):
+        samples[1]
+
+
+def test_a_data_file_damaged_during_a_run_aborts_it_as_a_data_error(tmp_path):
+    # not a rolled-back step ("the candidate cannot run"): the data failed, exit 2
+    import shutil
+    from dataclasses import dataclass
+
+    import onnxopt
+    from onnxopt.pipeline import Pass, PassResult, register_pass, unregister_pass
+
+    data = tmp_path / "d.npz"
+    shutil.copy(MODELS / "digits_test.npz", data)
+
+    @register_pass
+    class Damage(Pass):
+        """Truncates the data file, changes nothing."""
+
+        name = "test-damage-data"
+        summary = "truncate the data file"
+        lossless = True
+
+        @dataclass
+        class Options:
+            pass
+
+        def run(self, graph, ctx):
+            with open(data, "r+b") as f:
+                f.truncate(2000)
+            return PassResult(changed=False)
+
+    try:
+        with pytest.raises(DataError, match="changed after it was opened"):
+            onnxopt.optimize(CNN, "test-damage-data,fold-batchnorm", data=data, seed=0)
+    finally:
+        unregister_pass("test-damage-data")
+
+
+def test_a_member_shorter_than_its_header_is_refused_like_numpy_does(tmp_path):
+    import io
+    import zipfile
+
+    rows = np.arange(10 * 64, dtype=np.float32).reshape(10, 1, 8, 8)
+    buffer = io.BytesIO()
+    np.save(buffer, rows)
+    raw = buffer.getvalue()
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as archive:
+        archive.writestr("input.npy", raw[: len(raw) - 2 * rows[0].nbytes])  # 8 of 10 rows
+        buffer = io.BytesIO()
+        np.save(buffer, np.full(2000, 7.0, np.float32))
+        archive.writestr("zz_label.npy", buffer.getvalue())  # must not be read as rows
+    with pytest.raises(DataError, match=r"not a readable \.npz"):
+        load_samples(tmp_path / "short.npz", input_specs(CNN))
+
+
+def test_an_extra_key_that_cannot_be_read_by_row_keeps_the_inputs_on_disk(tmp_path):
+    from onnxopt.sample_files import Samples
+
+    rows = np.ones((5, 1, 8, 8), np.float32)
+    np.savez(tmp_path / "d.npz", input=rows, scale=np.float32(2.0),
+             ids=np.asfortranarray(np.ones((3, 4))))  # fmt: skip
+    samples = load_samples(tmp_path / "d.npz", input_specs(CNN))
+    assert isinstance(samples, Samples) and len(samples) == 5
 
 
 def test_split_is_disjoint_and_seeded():

@@ -305,7 +305,7 @@ def _load(source, what: str) -> LoadedModel:
 # ---------------------------------------------------------------------------- data
 
 
-def _read_data(student: onnx.ModelProto, data, labels) -> tuple[list[Feed], np.ndarray | None]:
+def _read_data(student: onnx.ModelProto, data, labels) -> tuple[Sequence[Feed], np.ndarray | None]:
     specs = input_specs(student)
     samples = load_samples(data, specs)
     if labels is None or (isinstance(labels, str) and not labels):

@@ -122,7 +122,7 @@ def measure_gains(
     session = runtime.make_session(overridable)
     wanted = runtime.feedable(session)
     feeds = [{k: v for k, v in s.items() if k in wanted} for s in samples]
-    reference = [runtime.run(session, None, feed) for feed in feeds]
+    reference = [session.run(None, feed) for feed in feeds]
     measured = {}
     for name, overrides in trials.items():
         outputs = [session.run(None, {**feed, **overrides}) for feed in feeds]
