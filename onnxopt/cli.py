@@ -422,7 +422,7 @@ def _metrics_table(metrics, samples: int) -> str:
 
 def cmd_bench(args) -> int:
     from onnxopt.bench import measure_latency
-    from onnxopt.data import prepare_samples
+    from onnxopt.data import timing_feed
     from onnxopt.model import load_model
 
     try:
@@ -432,14 +432,7 @@ def cmd_bench(args) -> int:
     if any(t < 1 for t in threads) or args.rounds < 1 or args.runs < 1:
         raise UsageError("--threads, --rounds and --runs must be >= 1")
     loaded = [load_model(path) for path in args.models]
-    feed = prepare_samples(
-        loaded[0].proto,
-        args.data,
-        shapes=args.shape or None,
-        seed=args.seed or 0,
-        calibration_samples=0,
-        validation_samples=1,
-    ).validation[0]
+    feed = timing_feed(loaded[0].proto, args.data, shapes=args.shape or None, seed=args.seed or 0)
     timings = measure_latency(
         [(str(m.path.name), m.proto) for m in loaded],
         feed,

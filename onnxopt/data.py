@@ -404,7 +404,30 @@ def prepare_samples(
     calibration_samples: int = 64,
     validation_samples: int = 32,
 ) -> SampleSets:
-    """Calibration and validation samples (disjoint) from ``data`` or generated."""
+    """Calibration and validation samples (disjoint) from ``data`` or generated; the
+    notes (dtype casts, too few validation samples) are logged and kept in ``notes``."""
+    sets = _split_samples(model, data, shapes, seed, calibration_samples, validation_samples)
+    for note in sets.notes:
+        log.log(logging.WARNING if note["level"] == "warning" else logging.INFO, note["text"])
+    return sets
+
+
+def timing_feed(
+    model: onnx.ModelProto,
+    data=None,
+    *,
+    shapes: Mapping[str, tuple] | Sequence[str] | None = None,
+    seed: int = 0,
+) -> Feed:
+    """One sample to time ``model`` on (``onnxopt bench``, ``onnxopt tune``'s latency):
+    the first validation sample of :func:`prepare_samples`, without its notes (one
+    sample is what timing wants, not a validation set too small to prove anything)."""
+    return _split_samples(model, data, shapes, seed, 0, 1).validation[0]
+
+
+def _split_samples(
+    model, data, shapes, seed: int, calibration_samples: int, validation_samples: int
+) -> SampleSets:
     if calibration_samples < 0 or validation_samples < 1:
         raise UsageError("validation_samples must be >= 1 and calibration_samples >= 0")
     specs = input_specs(model)
@@ -440,8 +463,6 @@ def prepare_samples(
                 f"samples prove little; give at least {2 * MIN_VALIDATION_SAMPLES} samples",
             }
         )
-    for note in notes:
-        log.log(logging.WARNING if note["level"] == "warning" else logging.INFO, note["text"])
     return SampleSets(calibration, validation, f"{where}: {len(samples)} samples", notes)
 
 

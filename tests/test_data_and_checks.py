@@ -431,3 +431,16 @@ def test_only_quantized_candidates_are_also_checked_as_deployed():
     assert pruned.steps[0]["metrics_vs_original_deployed"] == {}
     deployed = quantized.steps[0]["metrics_vs_original_deployed"]["logits"]
     assert 0.99 <= deployed["cosine"] < 1.0
+
+
+def test_a_timing_feed_is_one_sample_without_the_few_samples_warning(caplog):
+    # onnxopt bench and tune's latency want one sample, not a validation set
+    from onnxopt.data import timing_feed
+
+    with caplog.at_level("WARNING"):
+        feed = timing_feed(CNN, MODELS / "digits_test.npz", seed=1)
+    assert not caplog.records
+    chosen = prepare_samples(CNN, MODELS / "digits_test.npz", seed=1, calibration_samples=0,
+                             validation_samples=1)  # fmt: skip
+    assert any("only 1 validation sample" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(feed["input"], chosen.validation[0]["input"])

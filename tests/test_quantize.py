@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from conftest import accuracy, digits, model_path, run, seeded_feeds
+from conftest import MODELS, accuracy, digits, model_path, run, seeded_feeds
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
@@ -911,3 +911,14 @@ def test_calibration_fetches_in_bounded_runs_with_the_same_statistics(monkeypatc
     split = quantize("digits_cnn", pipeline)
     assert len(runs) > 3 and all(len(names) == 1 for names in runs)
     assert split.model.SerializeToString() == whole.model.SerializeToString()
+
+
+def test_each_node_kept_float_is_reported_once_with_its_own_reason():
+    result = onnxopt.optimize(
+        model_path("digits_cnn"), "quantize-int8(latency=false)",
+        data=MODELS / "digits_train.npz", seed=0,
+    )  # fmt: skip
+    skipped = result.steps[-1]["skipped"]
+    subjects = [entry["subject"] for entry in skipped]
+    assert len(subjects) == len(set(subjects)) == 3
+    assert all(entry["reason"].startswith("kept float: speed=rule: ") for entry in skipped)

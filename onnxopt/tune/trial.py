@@ -234,17 +234,11 @@ def final_metrics(report: dict[str, Any]) -> dict[str, Any]:
 def _latency(model_path, data_path, saved: Path, settings: Settings) -> dict[str, Any]:
     from onnxopt import load_model
     from onnxopt.bench import measure_latency
-    from onnxopt.data import prepare_samples
+    from onnxopt.data import timing_feed
 
     original = load_model(model_path).proto
-    feed = prepare_samples(
-        original,
-        data_path,
-        shapes=list(settings.shapes) or None,
-        seed=settings.seed,
-        calibration_samples=0,
-        validation_samples=1,
-    ).validation[0]
+    shapes = list(settings.shapes) or None
+    feed = timing_feed(original, data_path, shapes=shapes, seed=settings.seed)
     candidate = load_model(saved).proto
     timings = measure_latency(
         [("original", original), ("trial", candidate)],

@@ -274,12 +274,14 @@ class Job:
         self.kept.update((d["node"], d["reason"]) for d in outcome.kept_float)
 
     def all_skipped(self) -> list[Skipped]:
-        """What the first placement left float, then the nodes fallback=auto /
-        speed=auto kept float (their measurements stay in ``details``)."""
+        """What the first placement left float, then the nodes speed=rule, fallback=auto
+        and speed=auto kept float, once each with their own reason (their measurements
+        stay in ``details``)."""
         ops = {node.name: node.op for node in self.float_graph.nodes}
         kept = [Skipped(name, "node", f"kept float: {why}", ops.get(name, ""))
                 for name, why in self.kept.items()]  # fmt: skip
-        return [*self.skipped, *kept]
+        placed = [skip for skip in self.skipped if skip.subject not in self.kept]
+        return [*placed, *kept]
 
     def unchanged(self, note: str | None = None) -> PassResult:
         if note:
